@@ -1,0 +1,1 @@
+"""Dataset folders, preprocessing and phantoms."""
