@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from medsynth.errors import MedsynthError
 
@@ -50,22 +52,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # An output folder this run creates is removed again if the run fails, so a failed command
+    # leaves nothing behind; an existing one (a resumed run) keeps its finished, atomically
+    # written files.
+    out = getattr(args, "out", None)
+    created_out = isinstance(out, Path) and not out.exists()
     try:
         return int(args.func(args) or 0)
-    except MedsynthError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        if debug:
-            raise
-        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        # Finished cases stay: every command that writes many files resumes on a rerun.
         print("interrupted", file=sys.stderr)
         return 130
+    except BaseException as err:
+        if created_out and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        message = _user_error_message(err)
+        if debug or message is None:  # --debug, or a bug in medsynth: show the traceback
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _user_error_message(err: BaseException) -> str | None:
+    """One-line message for errors the user caused; None for anything else (a bug)."""
+    if isinstance(err, MedsynthError):
+        return str(err)
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or err}"
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,7 +64,7 @@ def stage_phantoms(settings: DemoSettings, state: DemoState) -> str:
     root = settings.out / "phantoms"
     # A higher lesion rate than the default keeps at least one rare case in a small demo set.
     dataset = write_phantom_dataset(root, modality=settings.modality, num=settings.num_cases,
-                                    size=settings.size, seed=settings.seed, lesion_rate=0.25,
+                                    size=settings.size, seed=settings.seed, lesion_rate=0.3,
                                     progress=settings.progress)
     state.outputs["phantom dataset"] = root
     n_lesion = sum(1 for c in dataset.cases if c.metadata.get("has_lesion"))

@@ -153,25 +153,25 @@ def prepare_dataset(input: str | Path | Dataset, out: str | Path, *,
                            channel_names={"0": out_channel}, extra_json={"medsynth": settings})
     test_ids = set(splits[HELD_OUT])
     skipped = 0
-    bar = tqdm(source.cases, desc=f"prepare {source.name}", unit="case", disable=not progress)
-    for case in bar:
-        is_test = case.case_id in test_ids
-        if writer.has_case(case.case_id):
-            if not writer.image_path(case.case_id, is_test).is_file():
-                raise ConfigError(f"case {case.case_id!r} was written as {'train/val' if is_test else 'test'} "
-                                  f"by an earlier run but is now {'test' if is_test else 'train/val'} (the "
-                                  f"source or split settings changed); use a new output folder")
-            skipped += 1
-            bar.set_postfix(skipped=skipped)
-            continue
-        case_modality = modalities[case.case_id]
-        image, label, record = prepare_case(
-            case, channel_index=channel_index, modality=case_modality, spacing=spacing_list,
-            crop_pad=crop_pad, crop_margin_mm=crop_margin_mm, multiple_of=multiple_of, lookup=lookup,
-            ct_mapping=ct_mapping, mr_percentiles=mr_percentiles)
-        metadata = {**case.metadata, "modality": case_modality}
-        writer.add_case(case.case_id, image, label, prompt=case.prompt, metadata=metadata, test=is_test,
-                        preprocessing=record, image_dtype=_image_dtype(case_modality, record))
+    with tqdm(source.cases, desc=f"prepare {source.name}", unit="case", disable=not progress) as bar:
+        for case in bar:
+            is_test = case.case_id in test_ids
+            if writer.has_case(case.case_id):
+                if not writer.image_path(case.case_id, is_test).is_file():
+                    raise ConfigError(f"case {case.case_id!r} was written as {'train/val' if is_test else 'test'} "
+                                      f"by an earlier run but is now {'test' if is_test else 'train/val'} (the "
+                                      f"source or split settings changed); use a new output folder")
+                skipped += 1
+                bar.set_postfix(skipped=skipped)
+                continue
+            case_modality = modalities[case.case_id]
+            image, label, record = prepare_case(
+                case, channel_index=channel_index, modality=case_modality, spacing=spacing_list,
+                crop_pad=crop_pad, crop_margin_mm=crop_margin_mm, multiple_of=multiple_of, lookup=lookup,
+                ct_mapping=ct_mapping, mr_percentiles=mr_percentiles)
+            metadata = {**case.metadata, "modality": case_modality}
+            writer.add_case(case.case_id, image, label, prompt=case.prompt, metadata=metadata, test=is_test,
+                            preprocessing=record, image_dtype=_image_dtype(case_modality, record))
     if skipped:
         logger.info("prepare: %d of %d cases were already done in %s", skipped, len(source.cases), out)
     return writer.finalize({**splits, "seed": splits_seed, "fractions": [float(f) for f in split_fractions],
