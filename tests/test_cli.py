@@ -1,0 +1,263 @@
+"""The command line as a user meets it: outputs, and one-line errors on bad input.
+
+Every bad-input case must give exit code 2, a single ``error: ...`` line on stderr naming the
+file and the problem, no traceback, and no output folder left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsynth.cli import main
+from medsynth.data.manifest import read_dataset
+from medsynth.io import read_volume
+from tests.io.dicom_factory import write_series
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    """Exit 2, exactly one non-progress line starting with ``error:``, containing ``fragments``."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and "|" not in line]  # drop tqdm bars
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "phantoms"
+    assert main(["phantoms", "--modality", "ct", "--num", "6", "--size", "16", "--out", str(out),
+                 "--seed", "3", "--lesion-rate", "0.5", "--no-progress"]) == 0
+    return out
+
+
+# --- commands that work ---------------------------------------------------------------------
+
+
+def test_phantoms_command_writes_a_readable_dataset(ct_phantoms: Path) -> None:
+    dataset = read_dataset(ct_phantoms)
+    assert len(dataset.cases) == 6
+    assert dataset.labels["liver"] > 0 and "liver_lesion" in dataset.labels
+    assert set(dataset.splits) >= {"train", "val", "test"}
+    assert all(dataset.splits[name] for name in ("train", "val", "test"))
+    assert (ct_phantoms / "imagesTs").is_dir()  # the held-out split lives apart
+    prompts = [json.loads(line) for line in (ct_phantoms / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 6 and all(p["prompt"].startswith("CT abdomen") for p in prompts)
+    for case in dataset.cases:
+        image = read_volume(case.image)
+        label = read_volume(case.label, kind="label")
+        assert image.same_grid(label) and image.metadata.synthetic
+        assert image.metadata.intensity_unit == "HU"
+
+
+def test_phantoms_rerun_is_a_no_op(ct_phantoms: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mtimes = {p: p.stat().st_mtime_ns for p in ct_phantoms.rglob("*") if p.is_file()}
+    code, out, _ = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "6", "--size", "16",
+                           "--out", str(ct_phantoms), "--seed", "3", "--lesion-rate", "0.5", "--no-progress")
+    assert code == 0 and "wrote 6 CT phantoms" in out
+    assert {p: p.stat().st_mtime_ns for p in ct_phantoms.rglob("*") if p.is_file()} == mtimes
+
+
+def test_prepare_command_and_info(ct_phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "prepared"
+    code, stdout, _ = run_cli(capsys, "prepare", "--input", str(ct_phantoms), "--out", str(out),
+                              "--spacing", "20", "20", "20", "--no-progress")
+    assert code == 0 and "prepared 6 cases" in stdout
+    prepared = read_dataset(out)
+    assert prepared.splits["test"] == read_dataset(ct_phantoms).splits["test"]  # fixed splits kept
+    image_path = prepared.cases_for("train")[0].image
+    code, stdout, _ = run_cli(capsys, "info", str(image_path), "--json")
+    summary = json.loads(stdout)
+    assert code == 0
+    assert summary["orientation"] == "RAS"
+    assert summary["spacing_mm"] == pytest.approx([20.0, 20.0, 20.0])
+    assert all(s % 8 == 0 for s in summary["shape"])
+    assert summary["modality"] == "CT" and summary["intensity_unit"] == "HU"
+    label_path = prepared.root / "labelsTr" / f"{prepared.cases_for('train')[0].case_id}.nii.gz"
+    code, stdout, _ = run_cli(capsys, "info", str(label_path), "--label")
+    assert code == 0 and "labels" in stdout
+    code, stdout, _ = run_cli(capsys, "info", str(label_path), "--label", "--json")
+    counts = json.loads(stdout)
+    label = read_volume(label_path, kind="label")
+    values, voxels = np.unique(label.array, return_counts=True)
+    assert counts["labels"] == {str(int(v)): int(c) for v, c in zip(values, voxels)}
+
+
+def test_info_text_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    affine = np.diag([-0.5, 2.0, 3.0, 1.0])
+    path = save_nifti(tmp_path / "scan.nii.gz", np.arange(24, dtype=np.int16).reshape(2, 3, 4), affine)
+    code, out, _ = run_cli(capsys, "info", str(path))
+    assert code == 0
+    assert "2 x 3 x 4 voxels" in out and "0.5 x 2 x 3 mm" in out and "LAS" in out
+    assert "0 .. 23" in out
+
+
+def test_demo_quick_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress")
+    assert code == 0
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert set(summary["outputs"]) >= {"phantom dataset", "prepared dataset"}
+    assert read_dataset(tmp_path / "demo" / "prepared").cases
+    assert "demo finished" in out
+
+
+def test_console_script_entry_point() -> None:
+    exe = Path(sys.executable).parent / "medsynth"
+    if not exe.exists():
+        pytest.skip("the medsynth console script is not installed in this environment")
+    result = subprocess.run([str(exe), "info", "/no/such/file.nii.gz"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: /no/such/file.nii.gz: does not exist"
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_missing_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "info", str(tmp_path / "nope.nii.gz"))
+    assert_user_error(code, err, "nope.nii.gz", "does not exist")
+
+
+def test_corrupt_and_truncated_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"this is not a nifti file at all")
+    code, _, err = run_cli(capsys, "info", str(garbage))
+    assert_user_error(code, err, "garbage.nii.gz")
+    good = save_nifti(tmp_path / "good.nii.gz", np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32))
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "info", str(truncated))
+    assert_user_error(code, err, "truncated.nii.gz")
+
+
+def test_unknown_format(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    code, _, err = run_cli(capsys, "info", str(path))
+    assert_user_error(code, err, "notes.txt", "NIfTI")
+
+
+def test_2d_and_4d_data(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    flat = save_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8), np.float32))
+    code, _, err = run_cli(capsys, "info", str(flat))
+    assert_user_error(code, err, "flat.nii.gz", "3D")
+    series = save_nifti(tmp_path / "series4d.nii.gz", np.zeros((4, 4, 4, 3), np.float32))
+    code, _, err = run_cli(capsys, "info", str(series))
+    assert_user_error(code, err, "series4d.nii.gz", "3D")
+
+
+def test_nan_voxels(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    array = np.zeros((6, 6, 6), np.float32)
+    array[1, 2, 3] = np.inf
+    path = save_nifti(tmp_path / "nan.nii.gz", array)
+    code, _, err = run_cli(capsys, "info", str(path))
+    assert_user_error(code, err, "nan.nii.gz", "NaN/Inf")
+
+
+def test_empty_dicom_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "empty_dicom"
+    folder.mkdir()
+    code, _, err = run_cli(capsys, "info", str(folder))
+    assert_user_error(code, err, "empty_dicom")
+
+
+def _stored(shape: tuple[int, int, int]) -> np.ndarray:
+    return (np.arange(np.prod(shape)).reshape(shape) % 300).astype(np.int16)
+
+
+def test_mixed_series_missing_slices_uneven_spacing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed"
+    write_series(mixed / "a", _stored((8, 8, 5)), series_uid="1.2.3.4.1", series_number=1)
+    write_series(mixed / "b", _stored((8, 8, 4)), series_uid="1.2.3.4.2", series_number=2)
+    code, _, err = run_cli(capsys, "info", str(mixed))
+    assert_user_error(code, err, "mixed", "1.2.3.4.1", "1.2.3.4.2")
+    code, out, _ = run_cli(capsys, "info", str(mixed), "--series", "2", "--json")
+    assert code == 0 and json.loads(out)["shape"] == [8, 8, 4]
+
+    gap = tmp_path / "gap"
+    paths = write_series(gap, _stored((8, 8, 6)))
+    paths[3].unlink()
+    code, _, err = run_cli(capsys, "info", str(gap))
+    assert_user_error(code, err, "gap")
+    assert "missing" in err.lower() or "gap" in err.lower()
+
+    uneven = tmp_path / "uneven"
+    positions = np.array([[0, 0, 2.5 * k + (0.6 if k == 4 else 0.0)] for k in range(7)])
+    write_series(uneven, _stored((8, 8, 7)), positions=positions)
+    code, _, err = run_cli(capsys, "info", str(uneven))
+    assert_user_error(code, err, "uneven")
+    assert "spacing" in err.lower()
+
+
+def test_prepare_refuses_grids_that_differ_and_leaves_nothing(ct_phantoms: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(ct_phantoms, broken)
+    dataset = read_dataset(broken)
+    case = dataset.cases_for("train")[-1]
+    label_file = broken / "labelsTr" / f"{case.case_id}.nii.gz"
+    label = nib.load(str(label_file))
+    shifted = label.affine.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), str(label_file))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "prepare", "--input", str(broken), "--out", str(out), "--no-progress")
+    assert_user_error(code, err, case.case_id, "grid")
+    assert not out.exists()
+
+
+def test_dataset_json_that_does_not_match_its_folder(ct_phantoms: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "mismatch"
+    shutil.copytree(ct_phantoms, broken)
+    meta = json.loads((broken / "dataset.json").read_text())
+    meta["numTraining"] += 3
+    (broken / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "prepare", "--input", str(broken), "--out", str(out), "--no-progress")
+    assert_user_error(code, err, "dataset.json", "numTraining")
+    assert not out.exists()
+
+
+def test_bad_arguments_write_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    code, _, err = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "5", "--size", "8",
+                           "--out", str(out))
+    assert_user_error(code, err, "8")
+    code, _, err = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "5", "--lesion-rate", "1.5",
+                           "--out", str(out))
+    assert_user_error(code, err, "1.5")
+    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "absent"), "--out", str(out))
+    assert_user_error(code, err, "absent")
+    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path), "--out", str(out),
+                           "--label-map", "liver")
+    assert_user_error(code, err, "liver", "SRC=DST")
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    from medsynth.errors import InputError
+
+    with pytest.raises(InputError):
+        main(["--debug", "info", str(tmp_path / "missing.nii.gz")])
