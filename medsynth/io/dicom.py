@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from medsynth.io.provenance import SYNTHETIC_MARKER
 from medsynth.errors import GeometryError, InputError
 from medsynth.io.geometry import resample_stack, sort_slice_stack, stack_affine
 from medsynth.io.volume import VolumeMetadata
@@ -427,8 +428,11 @@ def _metadata(ds: Dataset, source: Path, rescale_type: str | None,
         "rescale_type": rescale_type,
         **extra,
     }
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    # medsynth's DICOM writer marks its files in ImageType (see medsynth.io.provenance).
+    synthetic = SYNTHETIC_MARKER in image_type
     return VolumeMetadata(modality=modality, source=str(source), intensity_unit=unit,
-                          series_uid=_series_uid(ds) or None,
+                          synthetic=synthetic, series_uid=_series_uid(ds) or None,
                           patient_position=_text(ds, "PatientPosition"),
                           manufacturer=_text(ds, "Manufacturer"), extra=extra)
 

@@ -106,7 +106,8 @@ def read_volume(path: str | Path, kind: str | None = None, *, series: str | int 
     elif modality is not None and modality != meta.modality:
         logger.warning("%s: modality=%r ignored; the DICOM file says %r", path, modality,
                        meta.modality)
-    meta.synthetic = bool(recorded.get("synthetic")) or _says_synthetic(info.get("descrip"))
+    meta.synthetic = (meta.synthetic or bool(recorded.get("synthetic"))
+                      or _says_synthetic(info.get("descrip")))
 
     if kind == "label":
         array = _label_values(array, path)
