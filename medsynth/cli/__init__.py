@@ -22,6 +22,7 @@ from medsynth.errors import MedsynthError
 COMMAND_MODULES: tuple[str, ...] = (
     "medsynth.cli.info",
     "medsynth.cli.data",
+    "medsynth.cli.evaluate",
     "medsynth.cli.demo",
 )
 
