@@ -23,6 +23,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "medsynth.cli.info",
     "medsynth.cli.data",
     "medsynth.cli.evaluate",
+    "medsynth.cli.autoencoder",
+    "medsynth.cli.dit",
+    "medsynth.cli.generate",
+    "medsynth.cli.benchmark",
+    "medsynth.cli.controlnet",
+    "medsynth.cli.labels",
     "medsynth.cli.demo",
 )
 

@@ -86,6 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--out", required=True, type=Path,
                      help="run folder: checkpoints/, logs/, figures/, model/ (the export)")
     fit.add_argument("--max-steps", type=int, default=None, help="generator steps (overrides the config)")
+    fit.add_argument("--max-time", type=float, default=None,
+                     help="stop after this many minutes of training (the model is still exported)")
     fit.add_argument("--precision", choices=PRECISIONS, default="32",
                      help="bf16-mixed (CPU or GPU), 16-mixed (GPU only) or 32 (default)")
     fit.add_argument("--devices", default="1", help="number of devices (or 'auto'); >1 uses DDP")
@@ -143,6 +145,8 @@ def run_fit(args: argparse.Namespace) -> int:
         if args.max_steps < 1:
             raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
         train.max_steps = args.max_steps
+    if args.max_time is not None and args.max_time <= 0:
+        raise ConfigError(f"--max-time must be > 0 minutes, got {args.max_time}")
     devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
     on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
     if args.precision == "16-mixed" and on_cpu:
@@ -172,6 +176,7 @@ def run_fit(args: argparse.Namespace) -> int:
         # Lightning counts optimizer steps (G and D); the module stops after train.max_steps
         # generator steps, this is only a safety net.
         max_steps=2 * train.max_steps + 2, max_epochs=-1,
+        max_time=None if args.max_time is None else {"minutes": float(args.max_time)},
         val_check_interval=train.val_every_n_steps if has_val else None,
         check_val_every_n_epoch=None if has_val else 1, limit_val_batches=1.0 if has_val else 0,
         num_sanity_val_steps=0, logger=CSVLogger(out, name="logs", version=""),

@@ -1,0 +1,96 @@
+"""Stage-3 command: ``medsynth controlnet fit`` (train the mask ControlNet over a frozen DiT export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from medsynth.errors import ConfigError
+
+SECTIONS = ("controlnet", "sampling", "training")
+
+
+def load_controlnet_config(path: str | Path) -> dict[str, Any]:
+    """Parse a ``configs/controlnet/*.yaml`` file and validate its sections (ConfigError naming the file)."""
+    import yaml
+
+    from medsynth.training.controlnet import ControlNetTrainingConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/controlnet/ for tiny/base")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    try:
+        ControlNetTrainingConfig.from_dict(raw.get("training"))
+        control = raw.get("controlnet") or {}
+        bad = sorted(set(control) - {"num_blocks", "embed_channels", "image_to_latent_factor"})
+        if bad:
+            raise ConfigError(f"unknown key(s) {bad} in section controlnet")
+    except (ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return {k: raw[k] for k in SECTIONS if raw.get(k) is not None}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cn = sub.add_parser("controlnet", help="train the mask ControlNet (paired labels)",
+                        description="Stage 3: a ControlNet branch that makes a frozen DiT follow a label map.")
+    cn_sub = cn.add_subparsers(dest="controlnet_command", metavar="SUBCOMMAND")
+    cn_sub.required = True
+    fit = cn_sub.add_parser("fit", help="train a ControlNet for a DiT export on a latent cache and export it",
+                            description="Train the ControlNet on the cache's (latent, label) pairs of the train "
+                                        "split with the DiT frozen; export the EMA weights to OUT/export.")
+    fit.add_argument("--dit", required=True, type=Path, help="DiT export (`medsynth dit fit` OUT/export)")
+    fit.add_argument("--cache", required=True, type=Path, help="the latent cache the DiT was trained on")
+    fit.add_argument("--config", required=True, type=Path, help="YAML config (configs/controlnet/*.yaml)")
+    fit.add_argument("--out", required=True, type=Path, help="run folder: checkpoints/, export/ (the model)")
+    fit.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides the config)")
+    fit.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
+                     help="default auto")
+    fit.add_argument("--devices", default="1", help="number of devices (or 'auto')")
+    fit.set_defaults(func=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from medsynth.io.atomic import write_text_atomic
+
+    config = load_controlnet_config(args.config)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not args.dit.is_dir():
+        raise ConfigError(f"--dit folder {args.dit} does not exist; give `medsynth dit fit` OUT/export")
+    if not args.cache.is_dir():
+        raise ConfigError(f"--cache folder {args.cache} does not exist; make one with `medsynth encode`")
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {args.accelerator} is not available: torch sees no CUDA GPU; "
+                          f"use --accelerator cpu")
+    try:
+        devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
+    except ValueError:
+        raise ConfigError(f"--devices must be a positive integer or 'auto', got {args.devices!r}") from None
+    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and devices == "auto":
+        devices = 1
+
+    from medsynth.training.controlnet import fit_controlnet
+
+    start = time.time()
+    export = fit_controlnet(args.dit, args.cache, args.out, config, accelerator=args.accelerator, devices=devices,
+                            max_steps=args.max_steps)
+    summary = {"export": str(export), "seconds": round(time.time() - start, 1), "config": str(args.config),
+               "dit": str(args.dit), "cache": str(args.cache)}
+    write_text_atomic(Path(args.out) / "fit_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"trained the ControlNet in {summary['seconds']} s; export: {export}")
+    return 0

@@ -1,0 +1,132 @@
+"""Stage-2 command: ``medsynth dit fit`` (train the latent DiT on a latent cache and export it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from medsynth.errors import ConfigError
+
+SECTIONS = ("model", "text_encoder", "objective", "sampling", "training")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def load_dit_config(path: str | Path) -> dict[str, Any]:
+    """Parse a ``configs/dit/*.yaml`` file and validate every section.
+
+    Returns the plain dict sections (as :func:`medsynth.training.dit.fit_dit` takes them).
+
+    Raises:
+        ConfigError: a missing file, bad YAML, unknown sections or keys, invalid values; the
+            message names the file.
+    """
+    import yaml
+
+    from medsynth.diffusion.schedulers import check_objective, make_scheduler
+    from medsynth.models.dit import DiTConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/dit/ for tiny/s/b/l")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    # Light imports only: the training module (and Lightning) loads when training starts.
+    from medsynth.training.dit import DiTTrainingConfig
+
+    try:
+        DiTConfig.from_dict(raw.get("model"))
+        DiTTrainingConfig.from_dict(raw.get("training"))
+        objective = dict(raw.get("objective") or {"name": "rectified_flow"})
+        sampling = dict(raw.get("sampling") or {})
+        make_scheduler(check_objective(objective.get("name", "rectified_flow")), sampling.get("sampler"),
+                       shift=float(sampling.get("shift", 1.0)))
+        text = raw.get("text_encoder") or {}
+        if not isinstance(text, dict) or text.get("kind", "vocab") not in ("vocab", "hf"):
+            raise ConfigError(f"text_encoder.kind must be 'vocab' or 'hf', got {text!r}")
+    except (ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return {k: raw[k] for k in SECTIONS if raw.get(k) is not None}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    dit = sub.add_parser("dit", help="train the stage-2 latent diffusion transformer",
+                         description="Stage 2: 3D latent DiT conditioned on text and metadata.")
+    dit_sub = dit.add_subparsers(dest="dit_command", metavar="SUBCOMMAND")
+    dit_sub.required = True
+    fit = dit_sub.add_parser("fit", help="train a DiT on a latent cache (`medsynth encode`) and export it",
+                             description="Train the DiT (Lightning: EMA, checkpoints, per-timestep-bucket "
+                                         "losses) and export the EMA weights to OUT/export.")
+    fit.add_argument("--config", required=True, type=Path, help="YAML config (configs/dit/*.yaml)")
+    fit.add_argument("--cache", required=True, type=Path, help="latent cache folder (`medsynth encode`)")
+    fit.add_argument("--out", required=True, type=Path,
+                     help="run folder: config.yaml, checkpoints/, lightning_logs/, export/ (the model)")
+    fit.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides the config)")
+    fit.add_argument("--devices", default="1", help="number of devices (or 'auto'); >1 uses DDP")
+    fit.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
+                     help="default auto")
+    fit.add_argument("--precision", default=None, choices=PRECISIONS,
+                     help="overrides training.precision (bf16-mixed on GPUs that support it)")
+    fit.add_argument("--resume", type=Path, default=None, help="Lightning checkpoint to resume from "
+                                                                "(e.g. OUT/checkpoints/last.ckpt)")
+    fit.add_argument("--num-workers", type=int, default=0, help="data loader workers (default 0)")
+    fit.set_defaults(func=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from medsynth.io.atomic import write_text_atomic
+
+    config = load_dit_config(args.config)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.resume is not None and not args.resume.is_file():
+        raise ConfigError(f"--resume checkpoint {args.resume} does not exist")
+    try:
+        devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
+    except ValueError:
+        raise ConfigError(f"--devices must be a positive integer or 'auto', got {args.devices!r}") from None
+    if isinstance(devices, int) and devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {devices}")
+    gpu = args.accelerator in ("gpu", "cuda")
+    if gpu and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {args.accelerator} is not available: torch sees no CUDA GPU; "
+                          f"use --accelerator cpu")
+    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and devices == "auto":
+        devices = 1
+    training = dict(config.get("training") or {})
+    if args.precision is not None:
+        if args.precision == "16-mixed" and on_cpu:
+            raise ConfigError("--precision 16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+        training["precision"] = args.precision
+    if args.max_steps is not None:
+        training["max_steps"] = args.max_steps
+    config["training"] = training
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    from medsynth.training.dit import fit_dit
+
+    start = time.time()
+    export = fit_dit(args.cache, out, config, accelerator=args.accelerator, devices=devices,
+                     max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers)
+    summary = {"export": str(export), "seconds": round(time.time() - start, 1), "config": str(args.config),
+               "cache": str(args.cache)}
+    write_text_atomic(out / "fit_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"trained the DiT in {summary['seconds']} s; export: {export}")
+    return 0

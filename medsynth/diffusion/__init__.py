@@ -1,0 +1,10 @@
+"""Diffusion maths apart from the model: schedulers (diffusers), training objectives, guidance."""
+
+from medsynth.diffusion.guidance import classifier_free_guidance, sample_condition_dropout
+from medsynth.diffusion.objectives import (EpsilonPrediction, LossOutput, Objective, RectifiedFlow, VPrediction,
+                                           bucket_losses, make_objective)
+from medsynth.diffusion.schedulers import OBJECTIVES, SAMPLERS, default_sampler, make_scheduler
+
+__all__ = ["make_scheduler", "default_sampler", "OBJECTIVES", "SAMPLERS", "make_objective", "Objective",
+           "RectifiedFlow", "EpsilonPrediction", "VPrediction", "LossOutput", "bucket_losses",
+           "classifier_free_guidance", "sample_condition_dropout"]

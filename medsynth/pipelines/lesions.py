@@ -1,0 +1,183 @@
+"""Lesion insertion: add synthetic lesions of a chosen class, count and size inside a host organ.
+
+``--lesion CLASS:COUNT:MIN-MAXmm[:HOST]`` (e.g. ``liver_lesion:2:5-15mm:liver``) asks for COUNT
+lesions of label CLASS, each with a diameter drawn uniformly from MIN..MAX mm, placed fully
+inside HOST (default: CLASS without its ``_lesion`` suffix, when that is a label). Used to
+balance rare classes: the ControlNet then renders whatever the label map says.
+
+Shapes are balls with a smooth random boundary deformation (the phantoms' lesion model, from
+:mod:`medsynth.data.phantom_shapes`): round-to-lobulated like most metastases and cysts. Every
+lesion keeps a one-voxel margin of host tissue and never touches another lesion of its class,
+so the label map holds exactly COUNT new connected components per request, and the returned
+records say exactly what was placed (class, value, measured equivalent-sphere diameter, centre).
+A request that does not fit is refused with the largest diameter that would still fit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from medsynth.data.phantom_shapes import Grid, SmoothField, equivalent_diameter, place_ball
+from medsynth.errors import ConfigError
+from medsynth.io.volume import Volume
+
+LESION_FORMAT = "CLASS:COUNT:MIN-MAXmm[:HOST], e.g. liver_lesion:2:5-15mm:liver"
+MAX_COUNT = 100
+# Boundary deformation (fraction of the radius); the radius is enlarged by its mean effect so
+# that the measured equivalent-sphere diameter stays close to the requested one.
+DEFORMATION = 0.12
+_MEAN_ABS_NORMAL = 0.8
+_SPEC = re.compile(r"^(?P<cls>[^:]+):(?P<count>[^:]+):(?P<size>[^:]+?)(?::(?P<host>[^:]+))?$")
+_SIZE = re.compile(r"^(?P<lo>\d+(?:\.\d+)?)(?:\s*-\s*(?P<hi>\d+(?:\.\d+)?))?\s*(?:mm)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LesionSpec:
+    """One lesion request.
+
+    Attributes:
+        class_name: label name of the lesions (must be in the label table).
+        count: number of lesions, 1..100.
+        min_mm, max_mm: diameter range in mm (equal for a fixed size).
+        host: label name of the organ that must contain them, or None for the default
+            (``class_name`` without ``_lesion``).
+    """
+
+    class_name: str
+    count: int
+    min_mm: float
+    max_mm: float
+    host: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or not 1 <= self.count <= MAX_COUNT:
+            raise ConfigError(f"lesion count must be an integer in 1..{MAX_COUNT}, got {self.count!r}")
+        if not 0 < self.min_mm <= self.max_mm:
+            raise ConfigError(f"lesion size range must satisfy 0 < MIN <= MAX, got {self.min_mm}-{self.max_mm} mm")
+
+    @classmethod
+    def parse(cls, text: str) -> "LesionSpec":
+        """Parse ``CLASS:COUNT:MIN-MAXmm[:HOST]`` (``MIN-MAX`` may be one number; ``mm`` optional)."""
+        match = _SPEC.match(str(text).strip())
+        size = None if match is None else _SIZE.match(match["size"].strip())
+        if match is None or size is None or not match["count"].strip().isdigit():
+            raise ConfigError(f"cannot parse lesion request {text!r}; expected {LESION_FORMAT}")
+        lo = float(size["lo"])
+        hi = float(size["hi"]) if size["hi"] is not None else lo
+        host = None if match["host"] is None else match["host"].strip()
+        return cls(match["cls"].strip(), int(match["count"]), lo, hi, host or None)
+
+    def resolve_host(self, labels: Mapping[str, int]) -> str:
+        """The host label name, checked against ``labels`` (ConfigError listing the known ones)."""
+        known = sorted(labels, key=lambda n: labels[n])
+        if self.class_name not in labels or self.class_name == "background":
+            raise ConfigError(f"lesion class {self.class_name!r} is not a label of this model; "
+                              f"known labels are {known}")
+        host = self.host
+        if host is None:
+            host = self.class_name.removesuffix("_lesion")
+            if host == self.class_name or host not in labels:
+                raise ConfigError(f"no default host organ for lesion class {self.class_name!r}; name it: "
+                                  f"{self.class_name}:{self.count}:{self.min_mm:g}-{self.max_mm:g}mm:HOST with HOST "
+                                  f"one of {known}")
+        if host not in labels or host == "background":
+            raise ConfigError(f"host organ {host!r} is not a label of this model; known labels are {known}")
+        if host == self.class_name:
+            raise ConfigError(f"a lesion class cannot be its own host ({host!r})")
+        return host
+
+    def __str__(self) -> str:
+        host = "" if self.host is None else f":{self.host}"
+        return f"{self.class_name}:{self.count}:{self.min_mm:g}-{self.max_mm:g}mm{host}"
+
+
+def parse_lesion_specs(texts: Sequence[str] | None) -> list[LesionSpec]:
+    """Parse every ``--lesion`` value (empty list for None)."""
+    return [LesionSpec.parse(t) for t in texts or []]
+
+
+def _largest_fitting_diameter(host: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Roughly the largest ball diameter (mm) that still fits inside ``host`` with a voxel margin."""
+    if not host.any():
+        return 0.0
+    depth = float(ndimage.distance_transform_edt(np.pad(host, 1), sampling=spacing).max())
+    return max(0.0, 2.0 * (depth - max(spacing)))
+
+
+def insert_lesions(label: Volume, specs: Sequence[LesionSpec], labels: Mapping[str, int],
+                   rng: np.random.Generator) -> tuple[Volume, list[dict[str, Any]]]:
+    """Paint lesions into a copy of a label map.
+
+    Args:
+        label: ``(X, Y, Z)`` integer label map (kind "label").
+        specs: requests, placed in order (larger requests first is the caller's choice).
+        labels: the label table (name -> value) the map uses.
+        rng: draws sizes, positions and shapes (same seed -> same lesions).
+
+    Returns:
+        ``(new label map, records)``: one record per lesion with ``class``, ``value``, ``host``,
+        ``requested_diameter_mm``, ``diameter_mm`` (measured equivalent-sphere diameter),
+        ``voxels``, ``center_vox`` and ``center_ras_mm``; the records are also stored in the new
+        volume's ``metadata.extra["lesions"]``. The input is never modified.
+
+    Raises:
+        ConfigError: unknown class/host names, sizes below two voxels, or a lesion that does not
+            fit inside what is left of its host (the message gives the largest that would).
+    """
+    spacing = label.spacing
+    grid = Grid(label.shape, spacing)
+    out = np.array(label.array, copy=True)
+    if not np.issubdtype(out.dtype, np.integer):
+        raise ConfigError(f"lesions go into an integer label map, got dtype {out.dtype}")
+    records: list[dict[str, Any]] = []
+    touch = ndimage.generate_binary_structure(3, 3)  # 26-neighbourhood: diagonal contact merges lesions too
+    for spec in specs:
+        host_name = spec.resolve_host(labels)
+        value, host_value = int(labels[spec.class_name]), int(labels[host_name])
+        if int(value) > np.iinfo(out.dtype).max:
+            out = out.astype(np.uint16)
+        smallest = 2.0 * max(spacing)
+        if spec.max_mm < smallest:
+            raise ConfigError(f"lesion request {spec}: diameters below {smallest:g} mm (two voxels at spacing "
+                              f"{tuple(round(s, 3) for s in spacing)} mm) would vanish from the label map")
+        if not (out == host_value).any():
+            raise ConfigError(f"lesion request {spec}: the label map has no {host_name!r} voxels to host it")
+        for index in range(spec.count):
+            host = (out == host_value) & ~ndimage.binary_dilation(out == value, structure=touch)
+            wanted = float(rng.uniform(spec.min_mm, spec.max_mm))
+            low = max(spec.min_mm, smallest)
+            field = SmoothField(rng, (max(wanted, smallest), 3 * max(wanted, smallest)), 6)
+            placed, diameter = None, wanted
+            # Shrink towards the range's lower end before giving up: a crowded host may still
+            # take a smaller lesion that honours the request.
+            for diameter in np.unique(np.clip(np.geomspace(wanted, low, 4), low, wanted))[::-1]:
+                radius = diameter / 2.0 * (1.0 + DEFORMATION * _MEAN_ABS_NORMAL)
+                placed = place_ball(host, grid, float(radius), rng, field, amp=DEFORMATION)
+                if placed is not None:
+                    break
+            if placed is None:
+                fits = _largest_fitting_diameter(host, spacing)
+                raise ConfigError(f"lesion request {spec}: lesion {index + 1} of {spec.count} does not fit inside "
+                                  f"{host_name!r} (the free part of the host takes at most ~{fits:.1f} mm); ask "
+                                  f"for fewer or smaller lesions, or another host")
+            mask, center = placed
+            out[mask] = value
+            n = int(mask.sum())
+            centre_ras = label.affine @ np.append(center.astype(float), 1.0)
+            records.append({"class": spec.class_name, "value": value, "host": host_name,
+                            "requested_diameter_mm": round(float(diameter), 2),
+                            "diameter_mm": round(equivalent_diameter(n, grid), 2), "voxels": n,
+                            "center_vox": [int(c) for c in center],
+                            "center_ras_mm": [round(float(c), 2) for c in centre_ras[:3]]})
+    result = label.with_array(out, kind="label")
+    result.metadata.extra["lesions"] = list(result.metadata.extra.get("lesions", [])) + records
+    return result, records
+
+
+__all__ = ["LesionSpec", "parse_lesion_specs", "insert_lesions", "LESION_FORMAT"]

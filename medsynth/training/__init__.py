@@ -1,0 +1,1 @@
+"""Lightning training of medsynth models (one LightningModule per stage) and callbacks."""

@@ -1,0 +1,219 @@
+"""The downstream segmenter of the segmentation benchmark: data, Lightning module, inference.
+
+Every benchmark condition (real only, real + synthetic, synthetic only) trains the *same* MONAI
+network with the *same* budget of optimiser steps (not epochs: an epoch over a set that is 2.5x
+larger would be 2.5x more updates, so "more data" would silently mean "more training"). Each
+step draws ``batch_size`` cases uniformly from the pooled training cases and one random patch of
+``patch^3`` voxels from each (volumes smaller than the patch are padded first). The weights after
+the last step are the model; there is no checkpoint selection on validation data, which keeps
+all conditions on equal footing. Inference is MONAI sliding-window over the whole volume.
+
+Research code (network, loss, optimiser) is in :class:`SegmentationModule`; devices, precision
+and DDP belong to the Lightning Trainer built in :func:`train_segmenter`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import SegResNet, SwinUNETR, UNet
+from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from medsynth.errors import ConfigError
+
+NETWORKS: tuple[str, ...] = ("segresnet", "unet", "swinunetr")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Settings shared by every condition of one benchmark run.
+
+    Attributes:
+        network: "segresnet" (default, MONAI's strong 3D baseline), "unet" or "swinunetr".
+        patch: edge of the cubic training / sliding-window patch in voxels. 32 fits a CPU smoke
+            run; 96-128 is usual on GPUs. SwinUNETR needs a multiple of 32, at least 64.
+        steps: optimiser steps per training run, the same for every condition.
+        batch_size: patches per step.
+        lr: AdamW learning rate; 1e-3 converges within a few hundred steps on phantoms and is
+            a common SegResNet / UNet setting with AdamW.
+        accelerator, devices: passed to the Lightning Trainer ("cpu", "gpu", "auto"; 1, 2, ...).
+        precision: Trainer precision; "32-true" on CPU, "bf16-mixed" is fine on recent GPUs.
+    """
+
+    network: str = "segresnet"
+    patch: int = 32
+    steps: int = 200
+    batch_size: int = 2
+    lr: float = 1e-3
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str = "32-true"
+
+    def __post_init__(self) -> None:
+        if self.network not in NETWORKS:
+            raise ConfigError(f"--network must be one of {list(NETWORKS)}, got {self.network!r}")
+        if isinstance(self.patch, bool) or not isinstance(self.patch, int) or self.patch < 16 or self.patch % 8:
+            raise ConfigError(f"--patch must be an integer >= 16 and a multiple of 8 (three 2x downsamplings), "
+                              f"got {self.patch!r}")
+        if self.network == "swinunetr" and (self.patch % 32 or self.patch < 64):
+            # Five 2x stages: 32 divides the patch; at 32 the bottleneck is 1 voxel, which
+            # instance norm cannot normalise, so 64 is the smallest usable patch.
+            raise ConfigError(f"--network swinunetr needs --patch a multiple of 32 and >= 64, got {self.patch}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"--steps must be an integer >= 1, got {self.steps!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_network(name: str, num_classes: int) -> nn.Module:
+    """A 3D MONAI segmentation network: ``(B, 1, X, Y, Z)`` image -> ``(B, C, X, Y, Z)`` logits.
+
+    Args:
+        name: one of :data:`NETWORKS`.
+        num_classes: output channels ``C``, background included.
+    """
+    if name == "segresnet":
+        # MONAI's defaults (init_filters=8, blocks (1, 2, 2, 4)): small enough for CPU smoke runs.
+        return SegResNet(spatial_dims=3, in_channels=1, out_channels=num_classes, init_filters=8)
+    if name == "unet":
+        return UNet(spatial_dims=3, in_channels=1, out_channels=num_classes, channels=(16, 32, 64, 128),
+                    strides=(2, 2, 2), num_res_units=2, norm="instance")
+    if name == "swinunetr":
+        return SwinUNETR(in_channels=1, out_channels=num_classes, feature_size=24, spatial_dims=3)
+    raise ConfigError(f"network must be one of {list(NETWORKS)}, got {name!r}")
+
+
+@dataclass
+class SegCase:
+    """One training or test case, already normalised and on the benchmark's label table.
+
+    Attributes:
+        case_id: the case id in its dataset.
+        source: "real" or "synthetic".
+        image: ``(X, Y, Z)`` float32 in the model range (about ``[-1, 1]``).
+        label: ``(X, Y, Z)`` int64 values of the real dataset's label table.
+        spacing: voxel size in mm ``(sx, sy, sz)``, used by HD95 / NSD.
+    """
+
+    case_id: str
+    source: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+class PatchDataset(Dataset):
+    """``steps * batch_size`` random patches from uniformly drawn cases.
+
+    Item ``i`` is a dict with ``image`` ``(1, P, P, P)`` float32 and ``label`` ``(1, P, P, P)``
+    int64. The case sequence and the crop positions depend only on ``seed``, so a condition
+    trained twice with one seed sees the same patches (single-process loading).
+    """
+
+    def __init__(self, cases: Sequence[SegCase], patch: int, length: int, seed: int) -> None:
+        if not cases:
+            raise ConfigError("a training condition has no cases")
+        self.cases = list(cases)
+        self.length = int(length)
+        self.order = np.random.default_rng(seed).integers(0, len(self.cases), self.length)
+        # Pad first so every volume holds a full patch: small phantoms and thin slabs still train.
+        self.transform = Compose([SpatialPadd(keys=("image", "label"), spatial_size=(patch,) * 3),
+                                  RandSpatialCropd(keys=("image", "label"), roi_size=(patch,) * 3,
+                                                   random_size=False)])
+        self.transform.set_random_state(seed=seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        case = self.cases[int(self.order[index])]
+        item = self.transform({"image": torch.from_numpy(case.image[None]),
+                               "label": torch.from_numpy(case.label[None])})
+        return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long()}
+
+
+class SegmentationModule(L.LightningModule):
+    """A MONAI network trained with Dice + cross-entropy (MONAI ``DiceCELoss``) and AdamW."""
+
+    def __init__(self, network: str, num_classes: int, lr: float) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_network(network, num_classes)
+        # softmax + one-hot target: the multi-class Dice of nnU-Net-style training; CE keeps
+        # gradients alive for classes absent from a patch.
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``(B, 1, X, Y, Z)`` -> ``(B, C, X, Y, Z)`` logits."""
+        return self.net(image)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(self(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=False, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-5)
+
+
+def train_segmenter(cases: Sequence[SegCase], num_classes: int, config: SegmenterConfig, seed: int) -> SegmentationModule:
+    """Train one segmenter for exactly ``config.steps`` optimiser steps.
+
+    Args:
+        cases: the pooled training cases of one condition (real and/or synthetic).
+        num_classes: classes of the real label table, background included.
+        config: network, patch, steps, devices.
+        seed: seeds the weights, the case order and the crops.
+
+    Returns:
+        The trained module in eval mode (on the CPU when training used another device).
+    """
+    L.seed_everything(seed, workers=True, verbose=False)
+    module = SegmentationModule(config.network, num_classes, config.lr)
+    data = PatchDataset(cases, config.patch, config.steps * config.batch_size, seed)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=0, drop_last=True)
+    # One Trainer per condition and seed: its start-up banner (devices, tips) would repeat
+    # dozens of times, so Lightning's info lines are muted for the run.
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    trainer = L.Trainer(max_steps=config.steps, max_epochs=-1, accelerator=config.accelerator,
+                        devices=config.devices, precision=config.precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        deterministic=False)
+    try:
+        trainer.fit(module, loader)
+    finally:
+        quiet.setLevel(level)
+    if trainer.global_step != config.steps:  # the budget is the protocol: never report a shorter run
+        raise ConfigError(f"training stopped after {trainer.global_step} of {config.steps} steps")
+    return module.cpu().eval()
+
+
+@torch.no_grad()
+def predict_volume(module: SegmentationModule, image: np.ndarray, patch: int, device: str | torch.device = "cpu",
+                   sw_batch_size: int = 4) -> np.ndarray:
+    """Sliding-window segmentation of one normalised ``(X, Y, Z)`` image -> ``(X, Y, Z)`` int64 labels.
+
+    Windows of ``patch^3`` overlap by half and are blended with Gaussian weights; volumes smaller
+    than the patch are padded by MONAI and cropped back.
+    """
+    module = module.to(device).eval()
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    logits = sliding_window_inference(x, (patch,) * 3, sw_batch_size, module, overlap=0.5, mode="gaussian")
+    return logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64)

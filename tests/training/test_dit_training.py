@@ -1,0 +1,118 @@
+"""DiT training on a small hand-written latent cache: logging per timestep bucket, EMA, export/load."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from medsynth.diffusion import make_scheduler
+from medsynth.errors import ConfigError, InputError
+from medsynth.io.checkpoint import save_tensors
+from medsynth.pipelines.sampling import Conditions, denoise
+from medsynth.training.dit import (DiTModule, LatentCacheDataset, collate_latents, fit_dit, load_dit,
+                                   text_encoder_config_for)
+
+PROMPTS = ["CT abdomen portal venous, liver lesion 14 mm, female, 63", "CT abdomen non-contrast, no lesion, male, 70",
+           "MR head FLAIR, tumour 26 mm with oedema, female, 43"]
+MODEL = {"in_channels": 4, "patch_size": [1, 1, 1], "hidden_size": 32, "depth": 2, "num_heads": 4, "text_dim": 32}
+TEXT = {"kind": "vocab", "dim": 32, "depth": 1, "num_heads": 4, "max_length": 24}
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    """A latent cache in the layout of medsynth.pipelines.latent_cache (3 train cases, 1 test case)."""
+    root = tmp_path / "cache"
+    (root / "latents").mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for i, prompt in enumerate(PROMPTS + ["held out"]):
+        modality, region = ("MR", "head") if "MR" in prompt else ("CT", "abdomen")
+        meta = {"case_id": f"c{i}", "split": "test" if i == 3 else "train", "prompt": prompt,
+                "metadata": {"modality": modality, "region": region, "sex": "female", "age": 40 + i},
+                "spacing": [1.0, 1.0, 1.5], "modality": modality}
+        save_tensors(root / "latents" / f"c{i}.safetensors",
+                     {"latent": 2 * torch.randn(4, 5, 4, 6, generator=gen)}, meta)
+    (root / "stats.json").write_text(json.dumps({"scale_factor": 0.5}))
+    return root
+
+
+def test_dataset_reads_train_split_scaled_and_crops(cache):
+    data = LatentCacheDataset(cache, ("train",), crop=(4, 4, 4))
+    assert len(data) == 3
+    item = data[0]
+    assert item["latent"].shape == (4, 4, 4, 4) and item["metadata"]["spacing"] == [1.0, 1.0, 1.5]
+    batch = collate_latents([data[i] for i in range(3)])
+    assert batch["latent"].shape == (3, 4, 4, 4, 4) and len(batch["prompt"]) == 3
+    with pytest.raises(ConfigError, match="held out"):
+        LatentCacheDataset(cache, ("test",))
+    with pytest.raises(InputError, match="stats.json"):
+        LatentCacheDataset(cache / "latents")
+
+
+def test_module_logs_buckets_updates_ema_and_exports(cache, tmp_path):
+    L.seed_everything(0)
+    data = LatentCacheDataset(cache, ("train",), crop=(4, 4, 4))
+    module = DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), {"name": "rectified_flow"},
+                       {"max_steps": 6, "batch_size": 3, "lr": 1e-3, "ema_decay": 0.9, "loss_buckets": 2},
+                       {"num_inference_steps": 3}, {"scale_factor": data.scale_factor})
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_epochs=-1)
+    trainer.fit(module, DataLoader(data, batch_size=3, collate_fn=collate_latents))
+    keys = set(trainer.callback_metrics)
+    assert "train/loss" in keys and keys & {"train/loss_t000-500", "train/loss_t500-1000"}
+    live = dict(module.model.named_parameters())
+    assert any(not torch.equal(p, live[n]) for n, p in module.ema.named_parameters())  # EMA lags
+    export = module.export(tmp_path / "export")
+    model, encoder, record = load_dit(export)
+    assert record.config["sampling"] == {"num_inference_steps": 3} and record.metadata["scale_factor"] == 0.5
+    x = torch.randn(1, 4, 4, 4, 4)
+    meta = model.encode_metadata([{"modality": "CT", "region": "abdomen", "spacing": [1, 1, 1.5]}])
+    with torch.no_grad():
+        ours = model(x, 500.0, encoder.encode(PROMPTS[:1]), meta)
+        theirs = module.ema.eval()(x, 500.0, module.ema_text_encoder.encode(PROMPTS[:1]), meta)
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(InputError, match="vqgan"):
+        from medsynth.io.checkpoint import read_export
+        read_export(export, kind="vqgan")
+
+
+def test_fit_dit_end_to_end_then_sample(cache, tmp_path):
+    config = {"model": MODEL, "text_encoder": TEXT, "objective": {"name": "rectified_flow"},
+              "sampling": {"num_inference_steps": 2}, "training": {"batch_size": 2, "crop": [4, 4, 4]}}
+    export = fit_dit(cache, tmp_path / "run", config, accelerator="cpu", devices=1, max_steps=3)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    model, encoder, _ = load_dit(export)
+    with torch.no_grad():
+        text = encoder.encode(["CT abdomen, liver lesion 20 mm", ""])
+    meta = model.encode_metadata([{"modality": "CT", "region": "abdomen", "spacing": [1, 1, 1.5]},
+                                  {"modality": "MR", "region": "head", "spacing": [1, 1, 1]}])
+    z = denoise(model, make_scheduler("rectified_flow"), (2, 4, 4, 6, 4), Conditions(text, meta), 2, 2.0,
+                torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 4, 6, 4) and torch.isfinite(z).all()
+    bad = json.loads(json.dumps(config))
+    bad["model"]["modalities"] = ["MR"]
+    with pytest.raises(ConfigError, match=r"case 'c0'.*unknown modality 'CT'"):
+        fit_dit(cache, tmp_path / "bad", bad, accelerator="cpu", max_steps=1)
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trainig'\]"):
+        fit_dit(cache, tmp_path / "bad", {"trainig": {}}, accelerator="cpu")
+
+
+def test_frozen_hf_encoder_path_trains_and_exports_by_reference(cache, tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    words = sorted({w for p in PROMPTS for w in p.lower().replace(",", " ").split()})
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert)
+    config = {"model": MODEL, "text_encoder": {"kind": "hf", "name_or_path": str(bert)},
+              "training": {"batch_size": 3, "crop": [4, 4, 4]}}
+    export = fit_dit(cache, tmp_path / "run", config, accelerator="cpu", devices=1, max_steps=2)
+    model, encoder, record = load_dit(export)
+    assert record.config["text_encoder"]["kind"] == "hf" and not encoder.trainable
+    assert not any(k.startswith("text_encoder.") for k in record.state_dict)  # referenced, not copied
