@@ -113,12 +113,37 @@ def test_info_text_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "0 .. 23" in out
 
 
+def test_demo_data_stages_and_report(tmp_path: Path) -> None:
+    from medsynth.cli.demo import STAGES, DemoSettings, report_sections, run_stages
+    from medsynth.evaluation.demo_report import write_demo_report
+
+    settings = DemoSettings(out=tmp_path / "demo", num_cases=6, progress=False)
+    state = run_stages(settings, STAGES[:2])
+    assert set(state.outputs) == {"phantom dataset", "prepared dataset"}
+    assert read_dataset(state.outputs["prepared dataset"]).cases
+    report = write_demo_report(settings.out, report_sections(settings, state), {"notes": state.notes})
+    page = report.read_text()
+    assert "phantoms" in page and "prepared" in page and "<a href='prepared'" in page
+
+
+def test_demo_lesion_spec_survives_in_the_label_map() -> None:
+    from medsynth.cli.demo import lesion_spec
+    from medsynth.pipelines.lesions import LesionSpec
+
+    for modality, size in (("ct", 32), ("ct", 64), ("mr", 32)):
+        spec = LesionSpec.parse(lesion_spec(modality, size))
+        voxel = 380.0 / size if modality == "ct" else 240.0 / size
+        assert spec.min_mm >= 2 * voxel  # lesion insertion refuses < 2 voxels
+
+
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress")
     assert code == 0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert set(summary["outputs"]) >= {"phantom dataset", "prepared dataset"}
-    assert read_dataset(tmp_path / "demo" / "prepared").cases
+    assert {"phantom dataset", "autoencoder", "synthetic dataset", "evaluation report"} <= set(summary["outputs"])
+    assert read_dataset(tmp_path / "demo" / "synthetic").cases
+    assert (tmp_path / "demo" / "report.html").is_file()
     assert "demo finished" in out
 
 

@@ -8,14 +8,51 @@ added here as the pipeline grows (autoencoder, DiT, ControlNet, cohort, evaluati
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsynth.errors import ConfigError
+from medsynth.errors import ConfigError, MedsynthError
+from medsynth.evaluation.demo_report import ReportSection, paired_gallery, write_demo_report
 from medsynth.io.atomic import write_json_atomic
+
+
+class DemoError(MedsynthError):
+    """A demo stage failed."""
+
+
+def _configs_dir() -> Path:
+    """The shipped ``configs/`` folder: ``$MEDSYNTH_CONFIGS``, else beside the package (repo / image)."""
+    env = os.environ.get("MEDSYNTH_CONFIGS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "configs", Path("/opt/medsynth/configs")]
+    for folder in candidates:
+        if (folder / "autoencoder" / "tiny.yaml").is_file():
+            return folder
+    raise ConfigError(f"cannot find medsynth's configs/ folder (looked in {[str(c) for c in candidates]}); "
+                      f"set MEDSYNTH_CONFIGS to it")
+
+
+CONFIGS = _configs_dir()
+# The rare class each modality's cohort balances: (class, host organ) for a --lesion spec.
+RARE_LESION = {"ct": ("liver_lesion", "liver"), "mr": ("tumour_core", "white_matter")}
+
+
+def lesion_spec(modality: str, size: int) -> str:
+    """``CLASS:1:MIN-MAXmm:HOST`` sized for the phantom grid: at least 2.2 voxels across, so the
+    lesion survives in the label map (lesion insertion refuses anything below two voxels)."""
+    from medsynth.data.phantoms_ct import CT_FOV_MM
+    from medsynth.data.phantoms_mr import MR_FOV_MM
+
+    fov = CT_FOV_MM if modality == "ct" else MR_FOV_MM
+    voxel = max(fov) / size
+    low, high = max(10.0, 2.2 * voxel), max(20.0, 3.2 * voxel)
+    name, host = RARE_LESION[modality]
+    return f"{name}:1:{low:.0f}-{high:.0f}mm:{host}"
 
 
 @dataclass
@@ -26,6 +63,7 @@ class DemoSettings:
     modality: str = "ct"
     size: int = 32
     num_cases: int = 16
+    num_synthetic: int = 8
     seed: int = 0
     quick: bool = False
     progress: bool = True
@@ -38,6 +76,8 @@ class DemoState:
     outputs: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    figures: list[tuple[Path, str]] = field(default_factory=list)
 
 
 Stage = Callable[[DemoSettings, DemoState], str]
@@ -83,9 +123,119 @@ def stage_prepare(settings: DemoSettings, state: DemoState) -> str:
     return f"canonical RAS dataset with splits ({splits})"
 
 
+def run_command(argv: list[str]) -> None:
+    """Run one ``medsynth`` command exactly as a user would type it (and show the line).
+
+    The demo is built from the public commands, so every line it prints can be copied and rerun.
+    """
+    from medsynth.cli import build_parser
+
+    print("    $ medsynth " + " ".join(argv), flush=True)
+    args = build_parser().parse_args(argv)
+    code = int(args.func(args) or 0)
+    if code:
+        raise DemoError(f"`medsynth {' '.join(argv)}` exited with code {code}")
+
+
+def _steps(settings: DemoSettings, full: int, quick: int) -> str:
+    return str(quick if settings.quick else full)
+
+
+def _quiet(settings: DemoSettings) -> list[str]:
+    return [] if settings.progress else ["--no-progress"]
+
+
+def stage_autoencoder(settings: DemoSettings, state: DemoState) -> str:
+    run = settings.out / "autoencoder"
+    data = state.outputs["prepared dataset"]
+    run_command(["autoencoder", "fit", "--config", str(CONFIGS / "autoencoder" / "tiny.yaml"), "--data", str(data),
+                 "--out", str(run), "--max-steps", _steps(settings, 400, 30), "--accelerator", "cpu",
+                 "--precision", "32", *_quiet(settings)])
+    run_command(["autoencoder", "eval", "--model", str(run / "model"), "--data", str(data), "--device", "cpu",
+                 *_quiet(settings)])
+    state.outputs["autoencoder"] = run / "model"
+    metrics = json.loads((run / "model" / "eval" / "metrics.json").read_text(encoding="utf-8"))["overall"]
+    state.metrics["autoencoder"] = metrics
+    return f"tiny VQ-GAN: held-out PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f}"
+
+
+def stage_encode(settings: DemoSettings, state: DemoState) -> str:
+    cache = settings.out / "latents"
+    run_command(["encode", "--model", str(state.outputs["autoencoder"]), "--data",
+                 str(state.outputs["prepared dataset"]), "--out", str(cache), "--device", "cpu", *_quiet(settings)])
+    state.outputs["latent cache"] = cache
+    stats = json.loads((cache / "stats.json").read_text(encoding="utf-8"))
+    return f"{stats['num_cases']} latents, scale factor {stats['scale_factor']:.3f}"
+
+
+def stage_dit(settings: DemoSettings, state: DemoState) -> str:
+    run = settings.out / "dit"
+    run_command(["dit", "fit", "--config", str(CONFIGS / "dit" / "tiny.yaml"), "--cache",
+                 str(state.outputs["latent cache"]), "--out", str(run), "--max-steps", _steps(settings, 400, 20),
+                 "--accelerator", "cpu"])
+    state.outputs["DiT"] = run / "export"
+    return "tiny DiT trained on phantom latents with text + metadata conditioning"
+
+
+def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
+    run = settings.out / "controlnet"
+    run_command(["controlnet", "fit", "--dit", str(state.outputs["DiT"]), "--cache", str(state.outputs["latent cache"]),
+                 "--config", str(CONFIGS / "controlnet" / "tiny.yaml"), "--out", str(run),
+                 "--max-steps", _steps(settings, 300, 10), "--accelerator", "cpu"])
+    bank = settings.out / "mask_bank"
+    run_command(["labels", "bank", "--data", str(state.outputs["prepared dataset"]), "--out", str(bank)])
+    state.outputs["ControlNet"] = run / "export"
+    state.outputs["mask bank"] = bank
+    return "ControlNet trained (base DiT frozen); mask bank built from the training split"
+
+
+def stage_generate(settings: DemoSettings, state: DemoState) -> str:
+    pipeline = settings.out / "pipeline"
+    run_command(["assemble", "--autoencoder", str(state.outputs["autoencoder"]), "--dit", str(state.outputs["DiT"]),
+                 "--cache", str(state.outputs["latent cache"]), "--controlnet", str(state.outputs["ControlNet"]),
+                 "--bank", str(state.outputs["mask bank"]), "--data", str(state.outputs["prepared dataset"]),
+                 "--out", str(pipeline)])
+    synthetic = settings.out / "synthetic"
+    lesion = lesion_spec(settings.modality, settings.size)
+    low, high = (float(v) for v in lesion.split(":")[2].rstrip("m").split("-"))
+    diameter = round((low + high) / 2)
+    prompt = (f"CT abdomen portal venous, liver lesion {diameter} mm" if settings.modality == "ct"
+              else f"MR head T1, tumour {diameter} mm with oedema")
+    # Every synthetic case gets the rare lesion: the cohort rebalances the class the real set lacks.
+    run_command(["generate", "--pipeline", str(pipeline), "--prompt", prompt,
+                 "--num", str(settings.num_synthetic), "--out", str(synthetic), "--seed", str(settings.seed),
+                 "--steps", _steps(settings, 20, 5), "--mask-source", "bank", "--lesion", lesion,
+                 "--keep-failed", "--device", "cpu", "--format", "nifti", *_quiet(settings)])
+    state.outputs["pipeline"] = pipeline
+    state.outputs["synthetic dataset"] = synthetic
+    figure = paired_gallery(synthetic, settings.out / "figures" / "synthetic_pairs.png",
+                            title="synthetic images with their conditioning label maps")
+    state.figures.append((figure, "Synthetic image + label pairs (bank masks with inserted lesions)"))
+    real_figure = paired_gallery(state.outputs["prepared dataset"], settings.out / "figures" / "real_pairs.png",
+                                 title="real (phantom) images with labels")
+    state.figures.append((real_figure, "Real (phantom) image + label pairs"))
+    return f"{settings.num_synthetic} image+label pairs from bank masks with an inserted {lesion.split(':')[0]}"
+
+
+def stage_evaluate(settings: DemoSettings, state: DemoState) -> str:
+    out = settings.out / "evaluation"
+    size = str(settings.size)
+    run_command(["evaluate", "--real", str(state.outputs["prepared dataset"]), "--synthetic",
+                 str(state.outputs["synthetic dataset"]), "--out", str(out), "--size", size,
+                 "--bootstrap", _steps(settings, 50, 10), "--no-cache"])
+    state.outputs["evaluation report"] = out / "report.html"
+    return "FID family, diversity, memorisation audit and mask fidelity"
+
+
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("phantoms", stage_phantoms),
     ("prepare", stage_prepare),
+    ("autoencoder", stage_autoencoder),
+    ("encode", stage_encode),
+    ("DiT", stage_dit),
+    ("ControlNet + mask bank", stage_controlnet),
+    ("assemble + generate", stage_generate),
+    ("evaluate", stage_evaluate),
 )
 
 
@@ -109,22 +259,49 @@ def run(args: argparse.Namespace) -> int:
     num = args.num if args.num is not None else (6 if args.quick else 16)
     if num < 3:
         raise ConfigError(f"--num must be at least 3 (train/val/test splits), got {num}")
-    settings = DemoSettings(out=args.out, modality=args.modality,
-                            size=min(args.size, 24) if args.quick else args.size,
-                            num_cases=num, seed=args.seed, quick=args.quick,
+    settings = DemoSettings(out=args.out, modality=args.modality, size=args.size, num_cases=num,
+                            num_synthetic=4 if args.quick else 8, seed=args.seed, quick=args.quick,
                             progress=not args.no_progress)
     start = time.perf_counter()
     state = run_stages(settings)
     total = time.perf_counter() - start
+    record = summary_dict(state) | {"total_s": round(total, 1), "settings": {
+        "modality": settings.modality, "size": settings.size, "num_cases": settings.num_cases,
+        "num_synthetic": settings.num_synthetic, "seed": settings.seed, "quick": settings.quick}}
+    write_json_atomic(settings.out / "demo_summary.json", record)
+    report = write_demo_report(settings.out, report_sections(settings, state), record)
     print(f"\ndemo finished in {total:.1f} s. What it made:")
     for what, path in state.outputs.items():
-        print(f"  {what:<20} {path}")
-    record = summary_dict(state) | {"total_s": total, "settings": {
-        "modality": settings.modality, "size": settings.size, "num_cases": settings.num_cases,
-        "seed": settings.seed, "quick": settings.quick}}
-    write_json_atomic(settings.out / "demo_summary.json", record)
-    print(f"  {'summary':<20} {settings.out / 'demo_summary.json'}")
+        print(f"  {what:<22} {path}")
+    print(f"  {'summary':<22} {settings.out / 'demo_summary.json'}")
+    print(f"  {'report (open this)':<22} {report}")
     return 0
+
+
+def report_sections(settings: DemoSettings, state: DemoState) -> list[ReportSection]:
+    """One report section per stage, with links relative to the demo folder."""
+    def rel(path: Path) -> str:
+        return os.path.relpath(path, settings.out)
+
+    sections = [ReportSection(f"{name} ({state.timings.get(name, 0.0):.1f} s)", [note.split(': ', 1)[-1]])
+                for name, note in zip(state.timings, state.notes)]
+    by_title = {s.title.split(" (")[0]: s for s in sections}
+    for what, path in state.outputs.items():
+        target = path / "report.html" if (path / "report.html").is_file() else path
+        section = next((s for name, s in by_title.items() if name.lower() in what.lower()), None)
+        (section or sections[-1]).links.append((rel(target), f"{what}: {rel(target)}"))
+    autoencoder_figures = sorted((settings.out / "autoencoder" / "figures").glob("*.png"))
+    if autoencoder_figures and "autoencoder" in by_title:
+        by_title["autoencoder"].figures.append((rel(autoencoder_figures[-1]),
+                                                "Autoencoder: input vs reconstruction (last validation figure)"))
+    generate = by_title.get("assemble + generate")
+    for path, caption in state.figures:
+        (generate or sections[-1]).figures.append((rel(path), caption))
+    evaluation = settings.out / "evaluation" / "figures"
+    if "evaluate" in by_title and evaluation.is_dir():
+        for png in sorted(evaluation.glob("*.png")):
+            by_title["evaluate"].figures.append((rel(png), f"Evaluation: {png.stem.replace('_', ' ')}"))
+    return sections
 
 
 def summary_dict(state: DemoState) -> dict[str, Any]:

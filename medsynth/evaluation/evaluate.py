@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import platform
 import sys
@@ -38,7 +37,6 @@ from medsynth.evaluation.weights import parse_weights_spec
 from medsynth.io import read_volume
 
 log = logging.getLogger(__name__)
-RECONSTRUCTION_MODULE = "medsynth.evaluation.reconstruction"
 MAX_CEILING_CASES = 20
 
 
@@ -280,18 +278,17 @@ def _audit(real: Sequence[CaseData], syn: Sequence[CaseData], emb_r: np.ndarray,
 
 
 def _reconstruction(config: EvaluationConfig, real_ds: Dataset) -> dict[str, Any]:
-    """Autoencoder reconstruction metrics through the optional ``reconstruction`` module."""
+    """Autoencoder reconstruction metrics (PSNR, SSIM, MAE per class) on the real held-out split."""
     if config.autoencoder is None:
         return {"skipped": "no --autoencoder given"}
-    if importlib.util.find_spec(RECONSTRUCTION_MODULE) is None:
-        return {"skipped": f"{RECONSTRUCTION_MODULE} is not available in this medsynth build; "
-                           f"reconstruction metrics (PSNR, SSIM, MAE per class) were not computed"}
-    module = importlib.import_module(RECONSTRUCTION_MODULE)
-    if not hasattr(module, "evaluate_reconstruction"):
-        return {"skipped": f"{RECONSTRUCTION_MODULE} has no evaluate_reconstruction(autoencoder_dir, dataset, cases) "
-                           f"adapter yet; reconstruction metrics were not computed"}
-    held = real_ds.cases_for("test") if real_ds.splits else real_ds.cases
-    return dict(module.evaluate_reconstruction(Path(config.autoencoder), real_ds, held))
+    from medsynth.evaluation.reconstruction import evaluate_autoencoder
+    from medsynth.io.checkpoint import load_autoencoder
+
+    model, export = load_autoencoder(config.autoencoder, "cpu")
+    split = "test" if real_ds.splits and real_ds.cases_for("test") else None
+    if split is None:
+        return {"skipped": f"{real_ds.root} has no held-out test split to reconstruct"}
+    return evaluate_autoencoder(model, export, real_ds.root, split=split, progress=False)
 
 
 def command_line() -> str:
