@@ -140,3 +140,23 @@ def test_bad_inputs(fitted, ct_data, tmp_path):
     with pytest.warns(UserWarning, match="trained on CT but the data .* is MR"):
         run(["autoencoder", "eval", "--model", str(fitted / "model"), "--data", str(mr),
              "--out", str(tmp_path / "ev"), "--no-progress"])
+
+
+@pytest.mark.slow
+def test_fit_ddp_two_cpu_processes(ct_data, tmp_path):
+    """DDP without code changes: two gloo processes on CPU; the run finishes and exports."""
+    import subprocess
+    import sys
+
+    runner = tmp_path / "run_ae.py"
+    runner.write_text("import argparse, sys\nfrom medsynth.cli import autoencoder\n"
+                      "p = argparse.ArgumentParser(); autoencoder.register(p.add_subparsers(dest='c'))\n"
+                      "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    proc = subprocess.run([sys.executable, str(runner), "autoencoder", "fit", "--config", str(cfg), "--data",
+                           str(ct_data), "--out", str(tmp_path / "ddp"), "--devices", "2", "--accelerator", "cpu",
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "fit_summary.json").read_text())["steps"] == 4
+    load_autoencoder(tmp_path / "ddp" / "model")

@@ -160,13 +160,19 @@ class VectorQuantizer(nn.Module):
         builds an ``N x K`` matrix and peak memory does not grow with the volume.
         """
         emb = self.embedding
-        e2 = emb.pow(2).sum(1)  # (K,)
-        out = []
+        e2 = emb.pow(2).sum(1)[None]  # (1, K)
+        n = flat.shape[0]
+        out = torch.empty(n, dtype=torch.long, device=flat.device)
         rows = max(1, (1 << 22) // self.num_embeddings)
-        for chunk in flat.split(rows):
-            d = chunk.pow(2).sum(1, keepdim=True) - 2 * chunk @ emb.t() + e2[None]
-            out.append(d.argmin(1))
-        return torch.cat(out) if out else flat.new_zeros((0,), dtype=torch.long)
+        # One reused distance buffer: ||x||^2 is constant per row, so argmin over ||e||^2 - 2 x.e
+        # suffices, written in place by addmm (no per-chunk temporaries to fragment the heap).
+        buf = flat.new_empty((min(rows, max(n, 1)), self.num_embeddings))
+        for start in range(0, n, rows):
+            chunk = flat[start:start + rows]
+            d = buf[: chunk.shape[0]]
+            torch.addmm(e2, chunk, emb.t(), beta=1.0, alpha=-2.0, out=d)
+            out[start:start + chunk.shape[0]] = d.argmin(1)
+        return out
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook vectors for ``indices`` ``(B, x, y, z)`` -> ``(B, D, x, y, z)``."""

@@ -108,3 +108,28 @@ def test_bf16_on_cpu_with_adversarial_does_not_nan(ct_dataset):
     for p in list(module.model.parameters()) + list(module.discriminator.parameters()):
         assert torch.isfinite(p).all()
     assert torch.isfinite(module.model.quantizer.embedding).all()
+
+
+def test_eval_ssim_matches_monai_and_metrics_per_class():
+    from monai.metrics import SSIMMetric
+
+    from medsynth.data.transforms import IntensityMapping
+    from medsynth.evaluation.reconstruction import reconstruction_metrics, ssim_map_3d
+
+    torch.manual_seed(0)
+    a = torch.rand(1, 1, 20, 22, 24)
+    b = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    ours = float(ssim_map_3d(a, b).mean())
+    ref = float(SSIMMetric(spatial_dims=3, data_range=1.0)(a, b).mean())
+    assert ours == pytest.approx(ref, abs=1e-4)
+    mapping = IntensityMapping.ct_window()
+    image = np.zeros((20, 20, 20), np.float32)
+    recon = image.copy()
+    recon[:10] += 0.1  # 0.1 model units = 100 HU (2000 HU window -> 2 units), first half only
+    label = np.zeros((20, 20, 20), np.int64)
+    label[:10] = 1
+    m = reconstruction_metrics(image, recon, mapping, label, {"background": 0, "liver": 1})
+    assert m["per_class"]["liver"]["mae"] == pytest.approx(100.0, rel=1e-4)
+    assert m["per_class"]["background"]["mae"] == pytest.approx(0.0, abs=1e-6)
+    assert m["mae"] == pytest.approx(50.0, rel=1e-4)
+    assert m["per_class"]["liver"]["psnr"] == pytest.approx(10 * np.log10(1 / 0.05 ** 2), rel=1e-4)

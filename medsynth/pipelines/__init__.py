@@ -1,0 +1,1 @@
+"""Sampling, the synthesis pipeline, generation, latent cache and mask sources."""
