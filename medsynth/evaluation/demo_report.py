@@ -78,9 +78,12 @@ def paired_gallery(dataset_root: str | Path, out_png: str | Path, max_cases: int
             lab = np.take(label, centre[axis], axis=axis)
             ax = axes[row, col]
             ax.imshow(_for_display(img), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-            if lab.any():
-                ax.contour(_for_display(lab), levels=np.arange(0.5, lab.max() + 1), linewidths=0.6,
-                           cmap="tab10")
+            # One outline per label: contouring the label values as a height map would draw
+            # every intermediate level where, e.g., spine (7) meets body (1).
+            shown = _for_display(lab)
+            for value in np.unique(shown[shown > 0]):
+                ax.contour(shown == value, levels=[0.5], linewidths=0.6,
+                           colors=[plt.cm.tab10(int(value) % 10)])
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(name, fontsize=9)
