@@ -181,7 +181,7 @@ def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "controlnet"
     run_command(["controlnet", "fit", "--dit", str(state.outputs["DiT"]), "--cache", str(state.outputs["latent cache"]),
                  "--config", str(CONFIGS / "controlnet" / "tiny.yaml"), "--out", str(run),
-                 "--max-steps", _steps(settings, 300, 10), "--accelerator", "cpu"])
+                 "--max-steps", _steps(settings, 250, 10), "--accelerator", "cpu"])
     bank = settings.out / "mask_bank"
     run_command(["labels", "bank", "--data", str(state.outputs["prepared dataset"]), "--out", str(bank)])
     state.outputs["ControlNet"] = run / "export"
@@ -205,7 +205,7 @@ def stage_generate(settings: DemoSettings, state: DemoState) -> str:
     run_command(["generate", "--pipeline", str(pipeline), "--prompt", prompt,
                  "--num", str(settings.num_synthetic), "--out", str(synthetic), "--seed", str(settings.seed),
                  "--steps", _steps(settings, 20, 5), "--mask-source", "bank", "--lesion", lesion,
-                 "--keep-failed", "--device", "cpu", "--format", "nifti", *_quiet(settings)])
+                 "--max-retries", "1", "--keep-failed", "--device", "cpu", "--format", "nifti", *_quiet(settings)])
     state.outputs["pipeline"] = pipeline
     state.outputs["synthetic dataset"] = synthetic
     figure = paired_gallery(synthetic, settings.out / "figures" / "synthetic_pairs.png",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsynth.data.transforms import reorient_to_ras, resample_to_grid, target_grid
+from medsynth.data.transforms import Grid, reorient_to_ras, resample_to_grid, target_grid
 from medsynth.errors import ConfigError
 from medsynth.io.volume import Volume
 
@@ -103,10 +103,26 @@ def is_ct(modality: str | None) -> bool:
     return (modality or "").upper() == "CT"
 
 
+def centre_crop_grid(grid: Grid, size: Sequence[int]) -> Grid:
+    """The part of ``grid`` that :func:`_pad_crop` keeps along axes longer than ``size``.
+
+    Resampling only onto the kept voxels gives the same values as resampling the whole field of
+    view and cropping afterwards, at a fraction of the cost (a 380 mm CT at 1 mm is 55 M voxels;
+    a 32^3 protocol keeps 33 k of them).
+    """
+    shape, affine = grid
+    starts = [max((n - t) // 2, 0) for n, t in zip(shape, size)]
+    new_shape = tuple(min(n, int(t)) for n, t in zip(shape, size))
+    new_affine = np.array(affine, dtype=np.float64, copy=True)
+    new_affine[:3, 3] = affine[:3, :3] @ np.asarray(starts, dtype=np.float64) + affine[:3, 3]
+    return new_shape, new_affine  # type: ignore[return-value]
+
+
 def prepare_volume(volume: Volume, modality: str | None, protocol: Protocol) -> np.ndarray:
     """Steps 1-4 above: ``Volume`` -> float32 ``protocol.size`` array on the protocol grid."""
     ras = reorient_to_ras(volume)
-    resampled = resample_to_grid(ras, target_grid(ras, protocol.spacing))
+    grid = centre_crop_grid(target_grid(ras, protocol.spacing), protocol.size)
+    resampled = resample_to_grid(ras, grid)
     array = resampled.array.astype(np.float32, copy=False)
     if is_ct(modality):
         low, high = protocol.ct_window

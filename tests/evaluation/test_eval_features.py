@@ -121,3 +121,19 @@ def test_radimagenet_keras_layout_loads(tmp_path: Path) -> None:
     extractor = build_extractor("radimagenet_resnet50", parse_weights_spec(f"radimagenet_resnet50={path}"))
     feats = extractor.extract(np.random.default_rng(2).normal(size=(32, 32, 10)), Protocol(size=(32, 32, 10)))
     assert feats["xy"].shape == (4, 2048) and feats["yz"].shape == (13, 2048)
+
+
+def test_cropping_the_grid_before_resampling_equals_cropping_after() -> None:
+    """The fast path (resample only the kept voxels) gives the protocol's values exactly."""
+    from medsynth.data.phantoms import generate_phantom
+    from medsynth.data.transforms import reorient_to_ras, resample_to_grid, target_grid
+    from medsynth.evaluation.preprocessing import _pad_crop, centre_crop_grid
+
+    case = generate_phantom("ct", size=24, seed=5)
+    ras = reorient_to_ras(case.image)
+    full = resample_to_grid(ras, target_grid(ras, (6.0, 6.0, 6.0)))
+    for size in ((16, 16, 16), (20, 70, 9)):
+        slow = _pad_crop(full.array, size, fill=-1000.0)
+        fast_grid = centre_crop_grid(target_grid(ras, (6.0, 6.0, 6.0)), size)
+        fast = _pad_crop(resample_to_grid(ras, fast_grid).array, size, fill=-1000.0)
+        np.testing.assert_allclose(fast, slow, atol=1e-3)
