@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynth.errors import ConfigError
+from medsynth.io.config_files import read_config_sections
 
 PRECISIONS = ("bf16-mixed", "16-mixed", "32")
 SECTIONS = ("model", "discriminator", "training", "data")
@@ -21,24 +22,12 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     "training": AutoencoderTrainingConfig, "data": PatchDataConfig}``; unknown sections or keys
     raise :class:`ConfigError` naming them.
     """
-    import yaml
-
     from medsynth.data.patches import PatchDataConfig
     from medsynth.models.autoencoder_config import DiscriminatorConfig, VQGANConfig
     from medsynth.training.autoencoder import AutoencoderTrainingConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see configs/autoencoder/ for tiny/base/large")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    raw = read_config_sections(path, SECTIONS, "configs/autoencoder/ for tiny/base/large")
     try:
         return {"model": VQGANConfig.from_dict(raw.get("model")),
                 "discriminator": DiscriminatorConfig.from_dict(raw.get("discriminator")),

@@ -9,28 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from medsynth.errors import ConfigError
+from medsynth.io.config_files import read_config_sections
 
 SECTIONS = ("controlnet", "sampling", "training")
 
 
 def load_controlnet_config(path: str | Path) -> dict[str, Any]:
     """Parse a ``configs/controlnet/*.yaml`` file and validate its sections (ConfigError naming the file)."""
-    import yaml
-
     from medsynth.training.controlnet import ControlNetTrainingConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see configs/controlnet/ for tiny/base")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    raw = read_config_sections(path, SECTIONS, "configs/controlnet/ for tiny/base")
     try:
         ControlNetTrainingConfig.from_dict(raw.get("training"))
         control = raw.get("controlnet") or {}

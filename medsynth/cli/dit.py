@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynth.errors import ConfigError
+from medsynth.io.config_files import read_config_sections
 
 SECTIONS = ("model", "text_encoder", "objective", "sampling", "training")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -23,23 +24,11 @@ def load_dit_config(path: str | Path) -> dict[str, Any]:
         ConfigError: a missing file, bad YAML, unknown sections or keys, invalid values; the
             message names the file.
     """
-    import yaml
-
     from medsynth.diffusion.schedulers import check_objective, make_scheduler
     from medsynth.models.dit import DiTConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see configs/dit/ for tiny/s/b/l")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    raw = read_config_sections(path, SECTIONS, "configs/dit/ for tiny/s/b/l")
     # Light imports only: the training module (and Lightning) loads when training starts.
     from medsynth.training.dit import DiTTrainingConfig
 

@@ -73,6 +73,17 @@ class ReconstructionFigure(L.Callback):
                           sample["recon"][0, 0].numpy(), title)
 
 
+class ExportOnTrainEnd(L.Callback):
+    """At the end of fitting, call ``pl_module.export(directory)`` on rank 0 (DiT, ControlNet)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            pl_module.export(self.directory)
+
+
 class ExportAutoencoder(L.Callback):
     """At the end of fitting, write ``config.json`` + ``model.safetensors`` to ``directory``."""
 

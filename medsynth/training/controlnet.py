@@ -40,6 +40,7 @@ from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_stat
 from medsynth.models.controlnet import ControlNet3D, ControlNetConfig, one_hot_mask
 from medsynth.models.dit import DiT3D
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder
+from medsynth.training.callbacks import ExportOnTrainEnd
 
 GENERATIVE_SPLITS = ("train", "val")
 
@@ -270,17 +271,6 @@ class ControlNetModule(L.LightningModule):
                                self.sampling, metadata)
 
 
-class ExportControlNet(L.Callback):
-    """At the end of fitting, export the EMA ControlNet to ``directory`` (rank 0 only)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero:
-            pl_module.export(self.directory)
-
-
 # ---------------------------------------------------------------------------------------------
 # Export and load
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +359,7 @@ def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
     trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices,
                         precision=training.precision, default_root_dir=str(out), log_every_n_steps=min(50, every),
                         callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
-                                   ExportControlNet(out / "export")],
+                                   ExportOnTrainEnd(out / "export")],
                         enable_progress_bar=False, max_epochs=-1)
     trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
     return out / "export"
@@ -398,4 +388,4 @@ def _cache_factor(cache_dir: str | Path) -> int | None:
 
 
 __all__ = ["ControlNetTrainingConfig", "ControlNetModule", "MaskedLatentDataset", "collate_masked", "region_weights",
-           "ExportControlNet", "save_controlnet", "load_controlnet", "check_base_dit", "fit_controlnet"]
+           "save_controlnet", "load_controlnet", "check_base_dit", "fit_controlnet"]

@@ -31,6 +31,7 @@ from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_stat
                                     save_export)
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
+from medsynth.training.callbacks import ExportOnTrainEnd
 
 GENERATIVE_SPLITS = ("train", "val")  # the held-out "test" split is never trained on
 
@@ -271,17 +272,6 @@ class DiTModule(L.LightningModule):
                         self.sampling, metadata)
 
 
-class ExportDiT(L.Callback):
-    """At the end of fitting, export the EMA model to ``directory`` (rank 0 only)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero:
-            pl_module.export(self.directory)
-
-
 # ---------------------------------------------------------------------------------------------
 # Export and load
 # ---------------------------------------------------------------------------------------------
@@ -374,11 +364,11 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
     trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices,
                         precision=training.precision, default_root_dir=str(out), log_every_n_steps=min(50, every),
                         callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
-                                   ExportDiT(out / "export")],
+                                   ExportOnTrainEnd(out / "export")],
                         enable_progress_bar=False, max_epochs=-1)
     trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
     return out / "export"
 
 
 __all__ = ["DiTTrainingConfig", "DiTModule", "LatentCacheDataset", "collate_latents", "conditioning_record",
-           "ExportDiT", "save_dit", "load_dit", "fit_dit", "text_encoder_config_for"]
+           "save_dit", "load_dit", "fit_dit", "text_encoder_config_for"]
