@@ -286,3 +286,19 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
     with pytest.raises(InputError):
         main(["--debug", "info", str(tmp_path / "missing.nii.gz")])
+
+
+def test_lightning_banner_is_muted_but_its_warnings_are_kept() -> None:
+    """Lightning logs its device banner at INFO to its own logger *and* the root handler (so it
+    printed twice); the CLI drops those info lines, never Lightning's warnings or medsynth's own."""
+    import logging
+
+    from medsynth.cli import _drop_lightning_info
+
+    def record(name: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, "message", None, None)
+
+    assert not _drop_lightning_info(record("lightning.pytorch.utilities.rank_zero", logging.INFO))
+    assert not _drop_lightning_info(record("lightning.fabric", logging.DEBUG))
+    assert _drop_lightning_info(record("lightning.pytorch.trainer", logging.WARNING))
+    assert _drop_lightning_info(record("medsynth.pipelines.generate", logging.INFO))

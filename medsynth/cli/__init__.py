@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        _quiet_library_chatter()
     parser = build_parser()
     args = parser.parse_args(argv)
     # An output folder this run creates is removed again if the run fails, so a failed command
@@ -78,6 +80,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+# Warnings that libraries raise about their own internals on every run; they say nothing about
+# the user's data or settings, and they bury medsynth's own output. `--debug` shows them.
+_LIBRARY_WARNINGS: tuple[str, ...] = (
+    r".*isinstance\(treespec, LeafSpec\)",       # Lightning vs newer torch pytree
+    r"Found \d+ module\(s\) in eval mode",         # frozen DiT/text encoder branches, by design
+    r"Starting from v1\.9\.0, `tensorboardX`",     # Lightning's CSV-logger fallback notice
+    r".*does not have many workers",               # num_workers=0 is deliberate (cached data)
+)
+
+
+def _drop_lightning_info(record: logging.LogRecord) -> bool:
+    """Logging filter: False for Lightning's records below WARNING."""
+    return not (record.name.startswith(("lightning", "pytorch_lightning")) and record.levelno < logging.WARNING)
+
+
+def _quiet_library_chatter() -> None:
+    """Lightning's start-up banner (devices, tips) at WARNING, and known library-internal warnings off.
+
+    Lightning attaches its own handler to its loggers *and* propagates to the root handler, so
+    without this every banner line is printed twice.
+    """
+    import warnings
+
+    # Lightning sets its loggers to INFO when it is imported (later, lazily), so a level set here
+    # would be undone: a filter on the root handlers drops its info lines instead.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_lightning_info)
+    for pattern in _LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _user_error_message(err: BaseException) -> str | None:
