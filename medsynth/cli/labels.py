@@ -1,11 +1,28 @@
-"""Label commands: ``medsynth labels bank`` (training label maps -> a mask bank for generation)."""
+"""Label commands: ``medsynth labels bank`` (training label maps -> a mask bank for generation) and
+``medsynth labels fit`` (train the label generator model that makes new label maps)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 from medsynth.errors import ConfigError
+
+
+def load_label_config(path: str | Path) -> dict[str, Any]:
+    """Parse a ``configs/labels/*.yaml`` file and validate every section (ConfigError naming the file)."""
+    from medsynth.io.config_files import read_config_sections
+    from medsynth.training.label_generator import SECTIONS, parse_label_config
+
+    path = Path(path)
+    raw = read_config_sections(path, SECTIONS, "configs/labels/ for tiny/base")
+    try:
+        return parse_label_config(raw)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="splits to take label maps from: train and/or val (default train)")
     bank.set_defaults(func=run_bank)
 
+    fit = labels_sub.add_parser("fit", help="train the label generator (new label maps from text and attributes)",
+                                description="Train a label autoencoder and a DiT over its latents on the train "
+                                            "split of DATA (never test); export to OUT/export.")
+    fit.add_argument("--data", required=True, type=Path, help="dataset folder (with splits.json and labels)")
+    fit.add_argument("--config", required=True, type=Path, help="YAML config (configs/labels/*.yaml)")
+    fit.add_argument("--out", required=True, type=Path, help="run folder: export/ (the model), fit_summary.json")
+    fit.add_argument("--max-steps", type=int, default=None, help="caps the optimiser steps of each stage")
+    fit.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
+                     help="default auto")
+    fit.add_argument("--devices", default="1", help="number of devices (or 'auto')")
+    fit.set_defaults(func=run_fit)
+
 
 def run_bank(args: argparse.Namespace) -> int:
     from medsynth.data.manifest import read_dataset
@@ -34,4 +63,37 @@ def run_bank(args: argparse.Namespace) -> int:
     bank = MaskBank.build(read_dataset(args.data), tuple(args.splits))
     bank.save(args.out)
     print(f"mask bank with {len(bank)} label maps from splits {list(bank.splits)} written to {args.out}")
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from medsynth.io.atomic import write_text_atomic
+
+    config = load_label_config(args.config)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if not args.data.is_dir():
+        raise ConfigError(f"--data folder {args.data} does not exist; give a prepared dataset folder")
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {args.accelerator} is not available: torch sees no CUDA GPU; "
+                          f"use --accelerator cpu")
+    try:
+        devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
+    except ValueError:
+        raise ConfigError(f"--devices must be a positive integer or 'auto', got {args.devices!r}") from None
+    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and devices == "auto":
+        devices = 1
+
+    from medsynth.training.label_generator import fit_label_generator
+
+    start = time.time()
+    export = fit_label_generator(args.data, args.out, config, accelerator=args.accelerator, devices=devices,
+                                 max_steps=args.max_steps)
+    summary = {"export": str(export), "seconds": round(time.time() - start, 1), "config": str(args.config),
+               "data": str(args.data)}
+    write_text_atomic(Path(args.out) / "fit_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"trained the label generator in {summary['seconds']} s; export: {export}")
     return 0

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from medsynth.errors import ConfigError
-from medsynth.models.embeddings import (MetadataEmbedder, TimestepEmbedder, encode_metadata,
-                                        sincos_position_embedding_3d)
+from medsynth.models.embeddings import (AttributeEmbedder, MetadataEmbedder, TimestepEmbedder, encode_attributes,
+                                        encode_metadata, sincos_position_embedding_3d)
 from medsynth.models.text_encoder import TextEmbedding
 
 PATCH_SIZES: tuple[int, ...] = (1, 2, 4)
@@ -70,6 +70,9 @@ class DiTConfig:
             are refused by :meth:`DiT3D.encode_metadata`, since their embedding was never trained.
         gradient_checkpointing: recompute block activations in the backward pass instead of
             storing them: ~30 % slower steps for much less memory at large grids.
+        attributes: names of optional scalar conditions (e.g. the label generator's
+            ``volume:liver`` size quantile); empty for the image DiT. Each may be left out per
+            sample (NaN), so one model serves any subset; see :class:`AttributeEmbedder`.
     """
 
     in_channels: int = 8
@@ -83,11 +86,15 @@ class DiTConfig:
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     regions: tuple[str, ...] = DEFAULT_REGIONS
     gradient_checkpointing: bool = False
+    attributes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.patch_size = _patch3(self.patch_size)
         self.modalities = tuple(str(m).upper() for m in self.modalities)
         self.regions = tuple(str(r).lower() for r in self.regions)
+        self.attributes = tuple(str(a) for a in self.attributes)
+        if len(set(self.attributes)) != len(self.attributes):
+            raise ConfigError(f"expects attributes without repeats, but got attributes={list(self.attributes)}")
         for name in ("in_channels", "depth", "num_heads", "text_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -247,6 +254,8 @@ class ConditionEmbedder(nn.Module):
         self.text_pooled = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d), nn.SiLU(),
                                          nn.Linear(d, d))
         self.metadata = MetadataEmbedder(d, len(config.modalities), len(config.regions))
+        # Attributes join the metadata vector, so dropping metadata (guidance) drops them too.
+        self.attributes = AttributeEmbedder(len(config.attributes), d) if config.attributes else None
         self.null_text_token = nn.Parameter(torch.zeros(d))
         self.null_text_pooled = nn.Parameter(torch.zeros(d))
         self.null_metadata = nn.Parameter(torch.zeros(d))
@@ -282,6 +291,11 @@ class ConditionEmbedder(nn.Module):
             meta = self.null_metadata.expand(batch_size, -1)
         else:
             meta = self.metadata({k: v.to(device) for k, v in metadata.items()})
+            if self.attributes is not None and "attributes" in metadata:
+                meta = meta + self.attributes(metadata["attributes"].to(device))
+            elif "attributes" in metadata:
+                raise ConfigError("attributes were given, but this DiT was built without attributes "
+                                  "(DiTConfig.attributes is empty)")
             meta = torch.where(drop_metadata[:, None], self.null_metadata.expand(batch_size, -1), meta)
         return pooled + meta, context, context_mask
 
@@ -344,8 +358,18 @@ class DiT3D(nn.Module):
         nn.init.zeros_(self.final.linear.bias)
 
     def encode_metadata(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        """Per-case metadata dicts -> tensors for :meth:`forward` (ConfigError on unknown values)."""
-        return encode_metadata(records, self.config.modalities, self.config.regions)
+        """Per-case metadata dicts -> tensors for :meth:`forward` (ConfigError on unknown values).
+
+        With ``config.attributes``, each record's optional ``"attributes"`` mapping (name ->
+        number) becomes ``"attributes": (B, A)`` (NaN = not given); a model without attributes
+        refuses records that carry any.
+        """
+        out = encode_metadata(records, self.config.modalities, self.config.regions)
+        if self.config.attributes:
+            out["attributes"] = encode_attributes(records, self.config.attributes)
+        elif any(rec.get("attributes") for rec in records):
+            raise ConfigError("metadata carries attributes, but this DiT takes none (DiTConfig.attributes is empty)")
+        return out
 
     def check_latent_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """Validate ``(B, C, X, Y, Z)`` and return the token grid; ConfigError naming what fits."""

@@ -197,5 +197,53 @@ class MetadataEmbedder(nn.Module):
         return self.mlp(h)  # (B, D)
 
 
+def encode_attributes(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Tensor:
+    """Each record's optional ``"attributes"`` mapping (name -> number) -> ``(B, A)`` float32.
+
+    Attributes a record does not give are NaN ("not given"); :class:`AttributeEmbedder` reads
+    that as unknown.
+
+    Raises:
+        ConfigError: an attribute name outside ``names`` (listing them) or a non-finite value.
+    """
+    out = torch.full((len(records), len(names)), float("nan"), dtype=torch.float32)
+    for i, rec in enumerate(records):
+        given = rec.get("attributes") or {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"attributes of case {i} must map names to numbers, but got {given!r}")
+        for name, value in given.items():
+            if name not in names:
+                raise ConfigError(f"unknown attribute {name!r} in case {i}; the model was trained on "
+                                  f"{list(names)}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"attribute {name!r} of case {i} must be a finite number, but got {value!r}")
+            out[i, list(names).index(name)] = float(value)
+    return out
+
+
+class AttributeEmbedder(nn.Module):
+    """Optional scalar attributes ``(B, A)`` (NaN = not given) -> ``(B, D)``.
+
+    Each attribute enters as its value (0 when not given) plus a learned "given" direction, so
+    a missing attribute is distinguishable from a given value of 0. Training drops attributes at
+    random, so any subset can be given at sampling time.
+    """
+
+    def __init__(self, num_attributes: int, hidden_size: int) -> None:
+        super().__init__()
+        self.value = nn.Linear(num_attributes, hidden_size)
+        self.given = nn.Linear(num_attributes, hidden_size)
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, attributes: Tensor) -> Tensor:
+        """``(B, A)`` float with NaN for "not given" -> ``(B, D)``."""
+        dtype = self.value.weight.dtype
+        given = ~torch.isnan(attributes)  # (B, A)
+        values = torch.where(given, attributes, torch.zeros_like(attributes)).to(dtype)
+        return self.mlp(self.value(values) + self.given(given.to(dtype)))
+
+
 __all__ = ["SEX_VALUES", "METADATA_KEYS", "sinusoidal_features", "sincos_position_embedding_3d",
-           "TimestepEmbedder", "MetadataEmbedder", "encode_metadata"]
+           "TimestepEmbedder", "MetadataEmbedder", "encode_metadata", "encode_attributes", "AttributeEmbedder"]

@@ -1,0 +1,477 @@
+"""Training of the label generator (``medsynth labels fit``) and its export.
+
+Two stages, both under Lightning, both on the dataset's **train split only** (the held-out
+test split never reaches a generative stage; val is left for checks):
+
+1. the label autoencoder (:class:`~medsynth.models.label_generator.LabelAutoencoder`): one-hot
+   label maps -> latent (/4 per axis) -> per-class logits, trained with cross-entropy + soft
+   Dice. The decoder sees latents with a little Gaussian noise (``latent_noise``, relative to
+   the latent's std), so it tolerates the small errors of sampled latents;
+2. a :class:`~medsynth.models.dit.DiT3D` over the encoded latents (scaled to unit variance),
+   conditioned on the case prompt, metadata (modality, region, spacing) and ``attributes``:
+   ``volume:CLASS`` (the case's volume quantile of that class among training cases) and
+   ``lesions:CLASS`` (its lesion count). It is trained by :class:`~medsynth.training.dit.DiTModule`
+   (rectified flow by default, EMA, condition dropout); every attribute is also dropped
+   independently (``attributes.drop_rate``), so any subset can be asked for at sampling.
+
+All label maps go onto one grid: the training split's median spacing ("native spacing") and a
+shape covering the largest field of view, rounded up to a multiple of ``factor x patch``.
+Sampling makes maps on that grid and resamples them (nearest) to the output's own grid.
+
+The export folder (``config.json`` + ``model.safetensors``, kind ``label_generator``) holds the
+autoencoder (``autoencoder.``), the EMA DiT (``dit.``) and a learned text encoder
+(``text_encoder.``); ``config.json`` records the label table, the grid, the latent scale factor,
+sampler settings, and the training labels' statistics (per-class volumes in mL and lesion counts
+per case, :mod:`medsynth.evaluation.label_statistics`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from medsynth.errors import ConfigError, InputError
+from medsynth.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export, save_export
+from medsynth.models.dit import DiT3D, DiTConfig
+from medsynth.models.label_generator import LESION_PREFIX, VOLUME_PREFIX, LabelAutoencoder, LabelAutoencoderConfig
+from medsynth.models.text_encoder import TextEncoder, build_text_encoder
+
+KIND = "label_generator"
+SECTIONS: tuple[str, ...] = ("autoencoder", "autoencoder_training", "dit", "text_encoder", "objective", "sampling",
+                             "dit_training", "attributes")
+
+
+def _from_dict(cls: type, data: Mapping[str, Any] | None, section: str) -> Any:
+    data = dict(data or {})
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section {section!r}; valid keys are {valid}")
+    return cls(**data)
+
+
+@dataclass
+class LabelAETrainingConfig:
+    """The ``autoencoder_training`` section.
+
+    Attributes:
+        max_steps, batch_size, lr: AdamW optimisation of the label autoencoder.
+        dice_weight: weight of the soft Dice loss beside cross-entropy. Dice weighs every
+            present class equally, so small organs are not drowned by the body and background.
+        latent_noise: std of the Gaussian noise added to latents before decoding, relative to the
+            batch's latent std: the decoder learns to absorb the DiT's sampling errors.
+        seed: global seed.
+    """
+
+    max_steps: int = 1500
+    batch_size: int = 4
+    lr: float = 2e-3
+    dice_weight: float = 1.0
+    latent_noise: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"expects max_steps, batch_size >= 1 and lr > 0, but got max_steps={self.max_steps}, "
+                              f"batch_size={self.batch_size}, lr={self.lr}")
+        if self.dice_weight < 0 or self.latent_noise < 0:
+            raise ConfigError(f"expects dice_weight >= 0 and latent_noise >= 0, but got "
+                              f"dice_weight={self.dice_weight}, latent_noise={self.latent_noise}")
+
+
+@dataclass
+class AttributeConfig:
+    """The ``attributes`` section: which attributes the DiT is conditioned on.
+
+    Attributes:
+        volume_classes: classes with a ``volume:CLASS`` size-quantile attribute: "all" (every
+            non-background class) or a list of names.
+        lesion_counts: add ``lesions:CLASS`` (connected-component count) for every lesion class.
+        drop_rate: probability that one attribute of a training sample is hidden (NaN).
+    """
+
+    volume_classes: str | list[str] = "all"
+    lesion_counts: bool = True
+    drop_rate: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drop_rate <= 1:
+            raise ConfigError(f"expects 0 <= drop_rate <= 1 in section 'attributes', but got {self.drop_rate}")
+        if isinstance(self.volume_classes, str) and self.volume_classes != "all":
+            raise ConfigError(f"volume_classes must be 'all' or a list of label names, but got "
+                              f"{self.volume_classes!r}")
+
+    def names(self, labels: Mapping[str, int]) -> tuple[str, ...]:
+        """Attribute names for a label table (ConfigError for unknown class names)."""
+        from medsynth.evaluation.label_statistics import lesion_classes
+
+        foreground = [n for n, v in labels.items() if v != 0]
+        chosen = foreground if self.volume_classes == "all" else list(self.volume_classes)
+        unknown = sorted(set(chosen) - set(foreground))
+        if unknown:
+            raise ConfigError(f"attributes.volume_classes names {unknown}, which are not labels of the dataset; "
+                              f"valid names are {foreground}")
+        lesions = lesion_classes(labels) if self.lesion_counts else []
+        return tuple([VOLUME_PREFIX + n for n in chosen] + [LESION_PREFIX + n for n in lesions])
+
+
+def parse_label_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a parsed ``configs/labels/*.yaml`` (every section; ConfigError naming the bad key)."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in the label generator config; valid sections are "
+                          f"{list(SECTIONS)}")
+    from medsynth.diffusion import make_objective, make_scheduler
+    from medsynth.training.dit import DiTTrainingConfig
+
+    ae = dict(raw.get("autoencoder") or {})
+    LabelAutoencoderConfig.from_dict({**ae, "num_classes": 2})
+    _from_dict(LabelAETrainingConfig, raw.get("autoencoder_training"), "autoencoder_training")
+    dit = dict(raw.get("dit") or {})
+    for key in ("in_channels", "attributes"):
+        if key in dit:
+            raise ConfigError(f"dit.{key} is set from the label autoencoder and the dataset; remove it")
+    DiTConfig.from_dict(dit)
+    DiTTrainingConfig.from_dict(raw.get("dit_training"))
+    _from_dict(AttributeConfig, raw.get("attributes"), "attributes")
+    objective = dict(raw.get("objective") or {"name": "rectified_flow"})
+    make_objective(objective.get("name", "rectified_flow"), **dict(objective.get("options") or {}))
+    sampling = dict(raw.get("sampling") or {})
+    bad = sorted(set(sampling) - {"sampler", "num_inference_steps", "guidance_scale", "shift"})
+    if bad:
+        raise ConfigError(f"unknown key(s) {bad} in section 'sampling'; valid keys are "
+                          f"['sampler', 'num_inference_steps', 'guidance_scale', 'shift']")
+    make_scheduler(objective.get("name", "rectified_flow"), sampling.get("sampler"),
+                   shift=float(sampling.get("shift", 1.0)))
+    return {k: raw[k] for k in SECTIONS if raw.get(k) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the train split's label maps on one grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelCases:
+    """Training label maps on the native grid, with what conditions them.
+
+    Attributes:
+        labels: name -> value (the dataset table).
+        arrays: ``(X, Y, Z)`` int64 maps on ``shape`` at ``spacing``.
+        prompts, records: per case: text and conditioning metadata (modality, region, spacing, ...).
+        statistics: per-class volumes (mL) and lesion counts of the original maps, per case.
+    """
+
+    labels: dict[str, int]
+    case_ids: list[str]
+    arrays: list[np.ndarray]
+    prompts: list[str]
+    records: list[dict[str, Any]]
+    statistics: dict[str, Any]
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    source: str = ""
+
+    def attribute_values(self, names: Sequence[str]) -> list[dict[str, float]]:
+        """Per case ``{attribute name: value}``: volume quantiles among the training cases, lesion counts."""
+        from medsynth.evaluation.label_statistics import volume_quantile
+
+        volumes, lesions = self.statistics["volumes_ml"], self.statistics["lesion_counts"]
+        out = []
+        for i in range(len(self.arrays)):
+            values = {}
+            for name in names:
+                if name.startswith(VOLUME_PREFIX):
+                    cls = name[len(VOLUME_PREFIX):]
+                    values[name] = volume_quantile(volumes[cls], volumes[cls][i])
+                else:
+                    values[name] = float(lesions[name[len(LESION_PREFIX):]][i])
+            out.append(values)
+        return out
+
+
+def read_label_cases(data_dir: str | Path, multiple: int) -> LabelCases:
+    """Read the train split's label maps, in RAS, onto one grid (see module docstring).
+
+    Raises:
+        InputError: no labelled train case, a test case listed in train, no label table.
+    """
+    from medsynth.data.manifest import read_dataset
+    from medsynth.data.patches import dataset_modality
+    from medsynth.data.splits import HELD_OUT
+    from medsynth.data.transforms import reorient_to_ras, resample_to_grid
+    from medsynth.evaluation.label_statistics import case_statistics, collect_statistics
+    from medsynth.io.reader import read_volume
+    from medsynth.pipelines.mask_bank import centred_grid
+
+    dataset = read_dataset(data_dir)
+    if len(dataset.labels) < 2:
+        raise InputError("the dataset's label table has no foreground label; the label generator needs labels",
+                         dataset.root)
+    held_out = set(dataset.splits.get(HELD_OUT, [])) if dataset.splits else set()
+    cases = [c for c in dataset.cases_for("train") if c.label is not None]
+    leaked = sorted(c.case_id for c in cases if c.case_id in held_out)
+    if leaked:
+        raise InputError(f"held-out test cases {leaked[:5]} are listed in the train split", dataset.root)
+    if not cases:
+        raise InputError("no labelled cases in the train split", dataset.root)
+    volumes = [reorient_to_ras(read_volume(c.label, kind="label")) for c in cases]
+    known = set(dataset.labels.values())
+    for case, vol in zip(cases, volumes):
+        bad = sorted(set(int(v) for v in np.unique(vol.array)) - known)
+        if bad:
+            raise InputError(f"label map of case {case.case_id!r} holds values {bad} that dataset.json does not "
+                             f"define (known: {dataset.labels})", case.label)
+    spacing = tuple(float(v) for v in np.median([v.spacing for v in volumes], axis=0))
+    extent = np.max([np.asarray(v.shape) * np.asarray(v.spacing) for v in volumes], axis=0)
+    shape = tuple(int(max(multiple, -(-round(e / s) // multiple) * multiple)) for e, s in zip(extent, spacing))
+    arrays = []
+    for vol in volumes:
+        if vol.shape != shape or not np.allclose(vol.spacing, spacing):
+            vol = resample_to_grid(vol, centred_grid(vol, shape, spacing))
+        arrays.append(np.asarray(vol.array).astype(np.int64))
+    modality = dataset_modality(dataset)
+    records = []
+    for case in cases:
+        record = {k: v for k, v in dict(case.metadata or {}).items() if k in ("region", "sex", "age", "modality")}
+        record.setdefault("modality", modality)
+        record["spacing"] = list(spacing)
+        records.append(record)
+    stats = collect_statistics([case_statistics(v.array, dataset.labels, v.spacing) for v in volumes])
+    return LabelCases(dict(dataset.labels), [c.case_id for c in cases], arrays, [c.prompt or "" for c in cases],
+                      records, stats, shape, spacing, str(dataset.root))  # type: ignore[arg-type]
+
+
+class LabelMapDataset(Dataset):
+    """Items ``{"label": (X, Y, Z) int64}`` for the autoencoder stage."""
+
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+        self.arrays = [torch.from_numpy(a) for a in arrays]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"label": self.arrays[index]}
+
+
+class LabelLatentDataset(Dataset):
+    """Items ``{"latent": (L, x, y, z), "prompt", "metadata"}`` for :class:`DiTModule`, with each
+    attribute hidden at random (``drop_rate``) in ``metadata["attributes"]``."""
+
+    def __init__(self, latents: Tensor, prompts: Sequence[str], records: Sequence[Mapping[str, Any]],
+                 attributes: Sequence[Mapping[str, float]], drop_rate: float) -> None:
+        self.latents, self.prompts, self.records = latents, list(prompts), [dict(r) for r in records]
+        self.attributes, self.drop_rate = [dict(a) for a in attributes], float(drop_rate)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        kept = {k: v for k, v in self.attributes[index].items() if float(torch.rand(())) >= self.drop_rate}
+        return {"latent": self.latents[index], "prompt": self.prompts[index],
+                "metadata": {**self.records[index], "attributes": kept}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the label autoencoder
+# ---------------------------------------------------------------------------------------------
+
+
+def soft_dice_loss(logits: Tensor, onehot: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - mean soft Dice over the classes present in the batch: ``(B, K, X, Y, Z)`` x2 -> scalar."""
+    probs = logits.float().softmax(dim=1)
+    dims = (0, 2, 3, 4)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)  # (K,)
+    present = onehot.sum(dims) > 0
+    return 1 - dice[present].mean()
+
+
+class LabelAutoencoderModule(L.LightningModule):
+    """Cross-entropy + soft Dice training of :class:`LabelAutoencoder` (batches from :class:`LabelMapDataset`)."""
+
+    def __init__(self, model: dict[str, Any], training: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = LabelAutoencoder(LabelAutoencoderConfig.from_dict(model))
+        self.cfg: LabelAETrainingConfig = _from_dict(LabelAETrainingConfig, training, "autoencoder_training")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        label = batch["label"]  # (B, X, Y, Z)
+        onehot = self.model.one_hot(label)  # (B, K, X, Y, Z)
+        latent = self.model.encode(onehot)
+        if self.cfg.latent_noise > 0:
+            latent = latent + self.cfg.latent_noise * latent.detach().std() * torch.randn_like(latent)
+        logits = self.model.decode(latent)
+        ce = F.cross_entropy(logits.float(), label)
+        dice = soft_dice_loss(logits, onehot)
+        loss = ce + self.cfg.dice_weight * dice
+        self.log_dict({"ae/loss": loss, "ae/ce": ce, "ae/dice_loss": dice}, prog_bar=True, batch_size=label.shape[0])
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and load
+# ---------------------------------------------------------------------------------------------
+
+
+def save_label_generator(directory: str | Path, autoencoder: LabelAutoencoder, dit: DiT3D,
+                         text_encoder: TextEncoder, record: Mapping[str, Any],
+                         metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the export (see module docstring). ``record`` holds labels, grid, latent, objective,
+    sampling, metadata_defaults and statistics."""
+    parts = nn.ModuleDict({"autoencoder": autoencoder, "dit": dit})
+    if text_encoder.trainable:
+        parts["text_encoder"] = text_encoder
+    config = {"autoencoder": autoencoder.config.to_dict(), "dit": dit.config.to_dict(),
+              "text_encoder": text_encoder.config(), **dict(record)}
+    return save_export(directory, parts, KIND, config, dict(metadata or {}))
+
+
+def load_label_generator(directory: str | Path, device: torch.device | str = "cpu"
+                         ) -> tuple[LabelAutoencoder, DiT3D, TextEncoder, Export]:
+    """Load an export: ``(autoencoder, DiT, text encoder, Export)``, in eval mode on ``device``.
+
+    Raises:
+        InputError: missing/corrupt files, another kind of export, or weights that do not match.
+    """
+    export = read_export(directory, kind=KIND)
+    cfg_path = Path(directory) / CONFIG_FILE
+    try:
+        ae = LabelAutoencoder(LabelAutoencoderConfig.from_dict(export.config["autoencoder"]))
+        dit = DiT3D(DiTConfig.from_dict(export.config["dit"]))
+        encoder = build_text_encoder(dict(export.config["text_encoder"]))
+        for key in ("labels", "grid", "latent", "statistics"):
+            export.config[key]  # noqa: B018 - presence check
+    except (KeyError, TypeError, ConfigError) as err:
+        raise InputError(f"invalid label generator config ({err}); re-export the model", cfg_path) from None
+    parts = nn.ModuleDict({"autoencoder": ae, "dit": dit})
+    if encoder.trainable:
+        parts["text_encoder"] = encoder
+    load_state_strict(parts, export.state_dict, Path(directory) / WEIGHTS_FILE)
+    return ae.to(device).eval(), dit.to(device).eval(), encoder.to(device).eval(), export
+
+
+# ---------------------------------------------------------------------------------------------
+# The two-stage fit
+# ---------------------------------------------------------------------------------------------
+
+
+def _trainer(out: Path, max_steps: int, accelerator: str, devices: int | str, precision: str = "32-true") -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator=accelerator, devices=devices, precision=precision,
+                     default_root_dir=str(out), log_every_n_steps=max(1, min(50, max_steps // 4)),
+                     enable_progress_bar=False, enable_checkpointing=False, max_epochs=-1, logger=False,
+                     enable_model_summary=False)
+
+
+@torch.no_grad()
+def encode_labels(model: LabelAutoencoder, arrays: Sequence[np.ndarray], batch_size: int = 4) -> Tensor:
+    """Label maps -> latents ``(N, L, x, y, z)`` (float32, CPU)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(arrays), batch_size):
+        label = torch.from_numpy(np.stack(arrays[i:i + batch_size])).to(device)
+        out.append(model.encode(model.one_hot(label)).float().cpu())
+    return torch.cat(out)
+
+
+def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: Mapping[str, Any],
+                        accelerator: str = "auto", devices: int | str = "auto",
+                        max_steps: int | None = None) -> Path:
+    """Train the label autoencoder, then the label DiT, on the train split; export to ``out_dir/export``.
+
+    Args:
+        data_dir: a prepared dataset folder (with splits.json and labels).
+        out_dir: run folder; the export goes to ``out_dir/export``.
+        run_config: a parsed ``configs/labels/*.yaml`` (see :func:`parse_label_config`).
+        max_steps: caps the optimiser steps of each stage (tests, quick runs).
+
+    Returns:
+        The export folder.
+    """
+    from medsynth.training.dit import DiTModule, DiTTrainingConfig, collate_latents, text_encoder_config_for
+
+    run_config = parse_label_config(run_config)
+    ae_train: LabelAETrainingConfig = _from_dict(LabelAETrainingConfig, run_config.get("autoencoder_training"),
+                                                 "autoencoder_training")
+    dit_train = DiTTrainingConfig.from_dict(run_config.get("dit_training"))
+    attr_cfg: AttributeConfig = _from_dict(AttributeConfig, run_config.get("attributes"), "attributes")
+    if max_steps is not None:
+        ae_train.max_steps = min(ae_train.max_steps, int(max_steps))
+        dit_train.max_steps = min(dit_train.max_steps, int(max_steps))
+    dit_dict = dict(run_config.get("dit") or {})
+    ae_dict = dict(run_config.get("autoencoder") or {})
+    factor = LabelAutoencoderConfig.from_dict({**ae_dict, "num_classes": 2}).downsample_factor
+    patch = max(DiTConfig.from_dict(dit_dict).patch_size)
+    out = Path(out_dir)
+
+    L.seed_everything(ae_train.seed, workers=True)
+    data = read_label_cases(data_dir, factor * patch)
+    names = attr_cfg.names(data.labels)
+    ae_dict["num_classes"] = max(data.labels.values()) + 1
+    ae_module = LabelAutoencoderModule(ae_dict, asdict(ae_train))
+    loader = DataLoader(LabelMapDataset(data.arrays), batch_size=ae_train.batch_size, shuffle=True,
+                        drop_last=len(data.arrays) >= ae_train.batch_size)
+    trainer = _trainer(out, ae_train.max_steps, accelerator, devices)
+    trainer.fit(ae_module, loader)
+    autoencoder = ae_module.model.cpu().eval().requires_grad_(False)
+
+    latents = encode_labels(autoencoder, data.arrays)  # (N, L, x, y, z)
+    scale = float(1.0 / max(float(latents.std()), 1e-6))
+    attributes = data.attribute_values(names)
+    dit_dict.update(in_channels=autoencoder.config.latent_channels, attributes=list(names))
+    text_cfg = text_encoder_config_for(run_config.get("text_encoder") or {"kind": "vocab"}, data.prompts)
+    objective = dict(run_config.get("objective") or {"name": "rectified_flow"})
+    sampling = {"sampler": None, "num_inference_steps": 10, "guidance_scale": 1.0, "shift": 1.0,
+                **dict(run_config.get("sampling") or {})}
+    L.seed_everything(dit_train.seed, workers=True)
+    dit_module = DiTModule(dit_dict, text_cfg, objective, dit_train.to_dict(), sampling, {"scale_factor": scale})
+    for case_id, record in zip(data.case_ids, data.records):  # fail before training, naming the case
+        try:
+            dit_module.model.encode_metadata([record])
+        except ConfigError as err:
+            raise ConfigError(f"train case {case_id!r}: {err}; fix its metadata (prompts.jsonl)") from None
+    dataset = LabelLatentDataset(latents * scale, data.prompts, data.records, attributes, attr_cfg.drop_rate)
+    loader = DataLoader(dataset, batch_size=dit_train.batch_size, shuffle=True, collate_fn=collate_latents,
+                        drop_last=len(dataset) >= dit_train.batch_size)
+    trainer = _trainer(out, dit_train.max_steps, accelerator, devices, dit_train.precision)
+    trainer.fit(dit_module, loader)
+    if not trainer.is_global_zero:
+        return out / "export"
+    encoder = dit_module.ema_text_encoder if dit_module.ema_text_encoder is not None else dit_module.text_encoder
+    regions = Counter(str(r.get("region")) for r in data.records if r.get("region") is not None)
+    record = {"labels": data.labels, "objective": objective, "sampling": sampling,
+              "grid": {"shape": list(data.shape), "spacing": list(data.spacing)},
+              "latent": {"scale_factor": scale, "downsample_factor": factor},
+              "metadata_defaults": {"modality": data.records[0].get("modality"),
+                                    "region": regions.most_common(1)[0][0] if regions else None},
+              "statistics": {**data.statistics, "splits": ["train"], "case_ids": data.case_ids}}
+    metadata = {"dataset": data.source, "trained_steps": {"autoencoder": int(ae_module.global_step),
+                                                          "dit": int(dit_module.global_step)},
+                "training": {"autoencoder_training": asdict(ae_train), "dit_training": dit_train.to_dict(),
+                             "attributes": asdict(attr_cfg)}}
+    return save_label_generator(out / "export", autoencoder, copy.deepcopy(dit_module.ema).cpu().eval(),
+                                copy.deepcopy(encoder).cpu().eval(), record, metadata)
+
+
+__all__ = ["LabelAETrainingConfig", "AttributeConfig", "LabelCases", "read_label_cases", "LabelMapDataset",
+           "LabelLatentDataset", "LabelAutoencoderModule", "soft_dice_loss", "save_label_generator",
+           "load_label_generator", "fit_label_generator", "parse_label_config", "encode_labels", "KIND",
+           "VOLUME_PREFIX", "LESION_PREFIX", "SECTIONS"]
