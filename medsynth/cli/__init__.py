@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "medsynth.cli.controlnet",
     "medsynth.cli.labels",
     "medsynth.cli.demo",
+    "medsynth.cli.cohort",
 )
 
 
