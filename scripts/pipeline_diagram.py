@@ -37,7 +37,7 @@ NODES: dict[str, tuple[float, float, str, str]] = {
     "dit": (4 * COL, 6.0, "medsynth dit fit\ntext + metadata", "train"),
     "phantoms": (0 * COL, 3.4, "medsynth phantoms\nbuilt-in CT / MR", "stage"),
     "bank": (2 * COL, 3.4, "medsynth labels bank\ntrain-split masks", "stage"),
-    "labelgen": (3 * COL, 3.4, "medsynth labels fit\nlabel generator", "planned"),
+    "labelgen": (3 * COL, 3.4, "medsynth labels fit\nlabel generator", "train"),
     "cn": (4 * COL, 3.4, "medsynth controlnet fit\nmask branch, DiT frozen", "train"),
     "assemble": (5 * COL, 3.4, "medsynth assemble\npipeline.json + sha256", "stage"),
     "bench": (3 * COL, 0.4, "medsynth benchmark seg\nreal vs real + synthetic\n-> report.html", "output"),
@@ -85,9 +85,11 @@ def edges() -> list[Edge]:
         ([side("dit", "n"), (x["dit"], bus_top)], "", None, DARK, False),
         ([side("cn", "e"), side("assemble", "w")], "CN/export/", (x["cn"] + COL / 2, 3.72), DARK, False),
         ([side("bank", "s"), (x["bank"], bus_mid), (x["assemble"] - 0.6, bus_mid), side("assemble", "s", -0.6)],
-         "--bank BANK/ (bank.json, labels/)", (x["bank"] + 2.2, bus_mid + 0.22), DARK, False),
-        ([side("labelgen", "s"), (x["labelgen"], bus_mid)], "masks (planned)", (x["labelgen"] + 1.0, 2.55),
-         GREY, True),
+         "--bank BANK/ (bank.json, labels/)", (x["bank"] + 2.2, bus_mid - 0.22), DARK, False),
+        ([side("prepare", "s", 1.1), (x["prepare"] + 1.1, 4.65), (x["labelgen"], 4.65), side("labelgen", "n")],
+         "DATA/ labels + prompts (train split)", (x["ae"] + 1.2, 4.87), DARK, False),
+        ([side("labelgen", "s"), (x["labelgen"], bus_mid)], "--label-generator LG/export/",
+         (x["labelgen"] + 1.25, 2.5), DARK, False),
         ([side("assemble", "s", 0.6), side("generate", "n", 0.6)], "PIPELINE/\npipeline.json",
          (x["assemble"] + 1.55, 1.9), DARK, False),
         ([side("generate", "w"), side("evaluate", "e")], "SYN/\nprovenance.jsonl", (x["evaluate"] + COL / 2, 1.2),
@@ -142,7 +144,7 @@ def draw(out: Path) -> Path:
         _path(ax, points, label, where, colour, dashed)
     # Legend and title.
     legend = [("input", "your data"), ("stage", "data stage"), ("train", "training stage"),
-              ("output", "measurement"), ("planned", "not built yet")]
+              ("output", "measurement")]
     for i, (style, text) in enumerate(legend):
         s = STYLES[style]
         ax.add_patch(FancyBboxPatch((-1.5 + i * 2.3, 8.15), 0.4, 0.28, boxstyle="round,pad=0.02",
