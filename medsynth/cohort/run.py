@@ -54,6 +54,7 @@ STATUS_DIR = Path(".cohort") / "cases"
 PROVENANCE_FILE = "provenance.jsonl"
 FINAL_STATUSES: tuple[str, ...] = ("done", "flagged", "skipped", "failed")
 WRITTEN_STATUSES: tuple[str, ...] = ("done", "flagged")
+MANIFEST_INTERVAL_S = 10.0
 MASK_TRIES = 8  # mask draws tried before a case's lesions are declared not to fit
 IGNORE_LABEL = "ignore"
 
@@ -199,7 +200,6 @@ class CohortRunner:
 
     def __init__(self, pipeline: Any, spec: CohortSpec, plan: dict[str, Any], out: Path, fmt: str = "nifti",
                  check: Any = None, rank: int = 0) -> None:
-        from medsynth.data.writer import DatasetWriter
         from medsynth.pipelines.quality_gate import QualityGate
 
         self.pipeline, self.spec, self.plan, self.out, self.rank = pipeline, spec, plan, Path(out), rank
@@ -222,8 +222,15 @@ class CohortRunner:
                  "cohort": _identity(plan)}
         if pipeline.modality == "CT":
             block["intensity"] = pipeline.intensity.to_dict()
-        self.writer = DatasetWriter(self.out, name=f"cohort_{plan['cohort']}", labels=table,
-                                    channel_names={"0": pipeline.modality}, extra_json={"medsynth": block})
+        self._writer_args = dict(name=f"cohort_{plan['cohort']}", labels=table, channel_names={"0": pipeline.modality},
+                                 extra_json={"medsynth": block})
+        self.writer = self.open_writer()
+
+    def open_writer(self) -> Any:
+        """A :class:`~medsynth.data.writer.DatasetWriter` on the folder, holding every rank's case records so far."""
+        from medsynth.data.writer import DatasetWriter
+
+        return DatasetWriter(self.out, **self._writer_args)
 
     def _mask_plan(self, spacing: Sequence[float]) -> Any:
         from medsynth.pipelines.generate import plan_masks
@@ -484,13 +491,19 @@ def run_cohort(spec: CohortSpec, out: str | Path, *, fmt: str | None = None, dev
                           f"use a new output folder")
     runner = CohortRunner(pipeline, spec, plan, out, fmt, check, rank=fabric.global_rank)
     mine = shard(plan["cases"], fabric.global_rank, fabric.world_size)
-    refresh = (lambda _: write_manifest(out, plan, read_statuses(out))) if fabric.global_rank == 0 else None
-    counts = runner.run(mine, progress=progress, on_case=refresh)
+    last = [time.monotonic()]
+
+    def refresh(_: dict[str, Any]) -> None:  # rank 0 keeps manifest.jsonl current (at most every 10 s)
+        if time.monotonic() - last[0] >= MANIFEST_INTERVAL_S:
+            write_manifest(out, plan, read_statuses(out))
+            last[0] = time.monotonic()
+
+    counts = runner.run(mine, progress=progress, on_case=refresh if fabric.global_rank == 0 else None)
     fabric.barrier()
     result: dict[str, Any] = {"out": str(out), "rank": fabric.global_rank, "world_size": fabric.world_size,
                               "counts": counts}
     if fabric.global_rank == 0:
-        finalize_cohort(out, plan, runner.writer)  # idempotent: unchanged files are not rewritten
+        finalize_cohort(out, plan, runner.open_writer())  # every rank's records; unchanged files are not rewritten
         statuses = read_statuses(out)
         result["statuses"] = {s: sum(1 for c in plan["cases"]
                                      if statuses.get(c["case_id"], {}).get("status", "pending") == s)
