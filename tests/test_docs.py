@@ -37,6 +37,18 @@ _PLACEHOLDER = re.compile(r"<[^<>\s][^<>]*>")
 DOCUMENTED_ELSEWHERE = {"cohort": "cohort.md"}
 
 
+def heading_anchors(text: str) -> set[str]:
+    """GitHub-style anchors of a page's headings (lower case, punctuation dropped, spaces -> '-')."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", _FENCE.sub("", text), re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        candidate, n = slug, 1
+        while candidate in anchors:
+            candidate, n = f"{slug}-{n}", n + 1
+        anchors.add(candidate)
+    return anchors
+
+
 def markdown_files() -> list[Path]:
     return sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 
@@ -81,13 +93,23 @@ def test_relative_links_resolve(page: Path) -> None:
             continue
         if not resolved.exists():
             missing.append(target)
-    assert not missing, f"{page.relative_to(ROOT)}: links to missing files: {missing}"
+        elif "#" in target and resolved.suffix == ".md":
+            anchor = target.split("#", 1)[1]
+            if anchor not in heading_anchors(resolved.read_text(encoding="utf-8")):
+                missing.append(target)
+    assert not missing, f"{page.relative_to(ROOT)}: links to missing files or headings: {missing}"
 
 
 def test_link_extraction_skips_code_and_urls() -> None:
     text = ("See [a](docs/a.md#x), ![fig](figures/p.png) and [web](https://x.org).\n"
             "`[not](a-link.md)`\n```\n[also not](code.md)\n```\n[anchor](#top)\n")
     assert relative_links(text) == ["docs/a.md#x", "figures/p.png"]
+
+
+def test_heading_anchors_follow_github_slugs() -> None:
+    text = "# Tiled inference (`medsynth/models/tiling.py`)\n## Privacy: not anonymous\n## Privacy: not anonymous\n"
+    assert heading_anchors(text) == {"tiled-inference-medsynthmodelstilingpy", "privacy-not-anonymous",
+                                     "privacy-not-anonymous-1"}
 
 
 def test_command_extraction_handles_continuations_comments_and_placeholders() -> None:
