@@ -80,7 +80,7 @@ def test_generate_bad_mask_inputs_are_one_line_errors(cli_parts, tmp_path, capsy
     cases = [
         (["--mask", str(unknown)], "do(es)? not know|not labels of this model|77"),
         (["--mask", str(empty)], "empty"),
-        (["--mask-source", "generator"], "not available yet: the label generator model is not built"),
+        (["--mask-source", "generator"], "needs a label generator in the pipeline"),
         (["--mask", str(cli_parts["mask"]), "--lesion", "liver_lesion:3:150-200mm:liver"], "does not fit"),
         (["--lesion", "liver_lesion:nope"], "cannot parse lesion request"),
         (["--mask", str(cli_parts["mask"]), "--size", "4", "4", "4"], "lies inside the generation grid"),

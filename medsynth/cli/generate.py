@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="mask ControlNet export (`medsynth controlnet fit` OUT/export) for paired labels")
     asm.add_argument("--bank", type=Path, default=None,
                      help="mask bank (`medsynth labels bank`) copied in as the default mask source")
+    asm.add_argument("--label-generator", type=Path, default=None,
+                     help="label generator export (`medsynth labels fit` OUT/export) for --mask-source generator")
     asm.add_argument("--data", type=Path, default=None,
                      help="dataset folder for the quality ranges (default: the one recorded in the cache)")
     asm.set_defaults(func=run_assemble)
@@ -54,10 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--mask-labels", type=Path, default=None,
                      help="JSON label table of --mask (dataset.json or {name: value}) when its values differ")
     gen.add_argument("--mask-source", default=None, choices=("bank", "generator"),
-                     help="where masks come from (default: --mask, else the pipeline's bank, else images only)")
+                     help="where masks come from (default: --mask, else the pipeline's bank, else its label "
+                          "generator, else images only)")
     gen.add_argument("--bank", type=Path, default=None, help="mask bank folder instead of the pipeline's")
     gen.add_argument("--lesion", action="append", default=[], metavar="CLASS:COUNT:MIN-MAXmm[:HOST]",
                      help="paint lesions into each mask before generation (repeatable)")
+    gen.add_argument("--label-attribute", action="append", default=[], metavar="CLASS=QUANTILE",
+                     help="with --mask-source generator: organ size as a quantile of training sizes, e.g. "
+                          "liver=0.9 (repeatable)")
+    gen.add_argument("--lesion-count", action="append", default=[], metavar="[CLASS=]N",
+                     help="with --mask-source generator: lesions per mask, within the training range (repeatable)")
     gen.add_argument("--mask-guidance", type=float, default=None,
                      help="separate mask guidance scale (default: the ControlNet's)")
     gen.add_argument("--max-retries", type=int, default=2,
@@ -100,7 +108,8 @@ def run_assemble(args: argparse.Namespace) -> int:
     from medsynth.pipelines.pipeline import PIPELINE_FILE
 
     out = assemble_pipeline(args.autoencoder, args.dit, args.cache, args.out, name=args.name,
-                            controlnet_dir=args.controlnet, bank_dir=args.bank, data_dir=args.data)
+                            controlnet_dir=args.controlnet, bank_dir=args.bank, data_dir=args.data,
+                            label_generator_dir=args.label_generator)
     print(f"pipeline written to {out} ({PIPELINE_FILE})")
     return 0
 
@@ -119,7 +128,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                   mask_source=args.mask_source, bank=None if args.bank is None else str(args.bank),
                                   lesions=list(args.lesion), mask_guidance_scale=args.mask_guidance,
                                   max_retries=args.max_retries, keep_failed=args.keep_failed,
-                                  min_dice=args.min_dice, quality_gate=not args.no_quality_gate)
+                                  min_dice=args.min_dice, quality_gate=not args.no_quality_gate,
+                                  label_attributes=list(args.label_attribute), lesion_counts=list(args.lesion_count))
     if args.mask is not None and not args.mask.is_file():
         raise ConfigError(f"--mask file {args.mask} does not exist")
     pipeline = MedSynthPipeline.from_pretrained(args.pipeline, device=_device(args.device),

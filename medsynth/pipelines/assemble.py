@@ -14,7 +14,8 @@ DiT was trained on this cache's scale factor and on latents with the autoencoder
 With ``controlnet_dir`` the mask ControlNet is added (checked against the DiT export it was
 trained on, the cache's label table and downsampling factor), and ``quality.json`` is fit on the
 *training split* of the dataset (per-class intensity ranges and the threshold segmenter of the
-quality gate, :mod:`medsynth.pipelines.quality_gate`). ``bank_dir`` copies a mask bank in.
+quality gate, :mod:`medsynth.pipelines.quality_gate`). ``bank_dir`` copies a mask bank in, and
+``label_generator_dir`` a label generator export (``medsynth labels fit``; same label table).
 """
 
 from __future__ import annotations
@@ -123,6 +124,19 @@ def _check_controlnet(controlnet_dir: Path, dit_dir: Path, header: dict[str, Any
     return dict(cn_export.config)
 
 
+def _check_label_generator(directory: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """Read a label generator export and check its label table against the cache's; returns its config."""
+    export = read_export(directory, kind="label_generator")  # InputError for a broken or other export
+    labels = {str(k): int(v) for k, v in dict(export.config.get("labels") or {}).items()}
+    cache_labels = {str(k): int(v) for k, v in dict(header.get("labels") or {}).items()}
+    if cache_labels and labels != cache_labels:
+        raise InputError(f"the label generator was trained on labels {labels}, but the model's are {cache_labels}; "
+                         f"train it (`medsynth labels fit`) on the same dataset", directory)
+    if "dit" not in export.config:
+        raise InputError("not a label generator config (no 'dit' section); re-export it", directory / CONFIG_FILE)
+    return dict(export.config)
+
+
 def fit_quality(data_dir: str | Path, intensity: dict[str, Any], unit: str,
                 splits: Sequence[str] = ("train",)) -> dict[str, Any]:
     """``quality.json`` record from the dataset's ``splits`` (never test) in the pipeline's output units."""
@@ -157,7 +171,8 @@ def _copy_tree_hashed(src: Path, dest: Path, pattern: str = "**/*") -> dict[str,
 
 def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_dir: str | Path,
                       out_dir: str | Path, *, name: str | None = None, controlnet_dir: str | Path | None = None,
-                      bank_dir: str | Path | None = None, data_dir: str | Path | None = None) -> Path:
+                      bank_dir: str | Path | None = None, data_dir: str | Path | None = None,
+                      label_generator_dir: str | Path | None = None) -> Path:
     """Write a pipeline folder from an autoencoder export, a DiT export and their latent cache.
 
     Args:
@@ -172,13 +187,15 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
             source; needs ``controlnet_dir``.
         data_dir: the dataset the cache was encoded from, for the quality ranges (default: the
             path recorded in ``cache.json``).
+        label_generator_dir: optional label generator export (``medsynth labels fit``
+            ``RUN/export``) with the model's label table; needs ``controlnet_dir``.
 
     Returns:
         ``out_dir``.
 
     Raises:
         InputError: unreadable exports or cache, or parts that do not belong together.
-        ConfigError: a bank without a ControlNet.
+        ConfigError: a bank or label generator without a ControlNet.
     """
     from medsynth.pipelines.latent_cache import read_cache_stats
 
@@ -218,6 +235,11 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
         if cache_labels and bank.labels != cache_labels:
             raise InputError(f"the mask bank uses labels {bank.labels}, but the model's are {cache_labels}",
                              Path(bank_dir) / BANK_FILE)
+    generator = None
+    if label_generator_dir is not None:
+        if controlnet_dir is None:
+            raise ConfigError("--label-generator needs --controlnet: generated masks condition the ControlNet")
+        generator = _check_label_generator(Path(label_generator_dir), header)
     cases = _cache_cases(cache)
     modality = str(_most_common([r.get("modality") for r in cases]) or ae.metadata.get("modality") or "")
     if modality not in ("CT", "MR"):
@@ -280,6 +302,12 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
         components["bank"] = {"kind": "mask_bank", "path": "bank", "source": str(bank_dir),
                               "splits": list(bank.splits), "num_masks": len(bank),
                               "files": _copy_tree_hashed(Path(bank_dir), out / "bank")}
+    if generator is not None:
+        components["label_generator"] = {"kind": "label_generator", "path": "label_generator",
+                                         "files": _copy_export(Path(label_generator_dir), out / "label_generator"),
+                                         "source": str(label_generator_dir), "labels": dict(generator["labels"]),
+                                         "sampling": dict(generator.get("sampling") or {}),
+                                         "attributes": list(generator["dit"].get("attributes") or [])}
     from medsynth import __version__
 
     record = {

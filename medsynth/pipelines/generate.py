@@ -59,8 +59,6 @@ CASE_PREFIX = "synth"
 MAX_SEED = 2 ** 63 - 1
 IGNORE_LABEL = "ignore"  # nnU-Net v2's name for "voxel not annotated" (must be the largest value)
 MASK_SOURCES: tuple[str, ...] = ("bank", "generator")
-GENERATOR_MISSING = ("--mask-source generator is not available yet: the label generator model is not built; "
-                     "use --mask-source bank or --mask FILE")
 
 
 @dataclass
@@ -79,9 +77,10 @@ class GenerationSettings:
         mask: a label-map file conditioning every case (needs a ControlNet).
         mask_labels: JSON label table of ``mask`` (a dataset.json or ``{name: value}``), when its
             values are not the model's.
-        mask_source: "bank" (draw and augment a training mask per case) or "generator" (not
-            built yet); None: ``mask`` if given, else the pipeline's stored bank if it has a
-            ControlNet and a bank, else images only.
+        mask_source: "bank" (draw and augment a training mask per case) or "generator" (the
+            pipeline's label generator makes a new mask per case from its prompt); None: ``mask``
+            if given, else the pipeline's stored bank, else its label generator (with a
+            ControlNet), else images only.
         bank: a mask bank folder instead of the pipeline's stored one.
         lesions: ``CLASS:COUNT:MIN-MAXmm[:HOST]`` requests painted into each case's mask.
         mask_guidance_scale: separate mask guidance (None: the ControlNet's default).
@@ -89,6 +88,8 @@ class GenerationSettings:
         keep_failed: keep (and flag) a sample that still fails; otherwise it is skipped.
         min_dice: least per-class Dice of large classes in the agreement check.
         quality_gate: run the quality gate on mask-conditioned samples.
+        label_attributes: ``CLASS=QUANTILE`` organ-size requests for the label generator.
+        lesion_counts: ``CLASS=N`` (or ``N``) lesion-count requests for the label generator.
     """
 
     prompts: list[str]
@@ -110,6 +111,8 @@ class GenerationSettings:
     keep_failed: bool = False
     min_dice: float = 0.5
     quality_gate: bool = True
+    label_attributes: list[str] = field(default_factory=list)
+    lesion_counts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -130,8 +133,15 @@ class GenerationSettings:
 
         if self.mask_source is not None and self.mask_source not in MASK_SOURCES:
             raise ConfigError(f"unknown --mask-source {self.mask_source!r}; valid sources are {list(MASK_SOURCES)}")
-        if self.mask_source == "generator":
-            raise ConfigError(GENERATOR_MISSING)
+        from medsynth.pipelines.label_generator_source import parse_attribute_items
+
+        self.label_attributes = [str(x) for x in self.label_attributes or []]
+        self.lesion_counts = [str(x) for x in self.lesion_counts or []]
+        parse_attribute_items(self.label_attributes, "--label-attribute")
+        parse_attribute_items(self.lesion_counts, "--lesion-count", integer=True)
+        if (self.label_attributes or self.lesion_counts) and self.mask_source != "generator":
+            raise ConfigError("--label-attribute and --lesion-count steer the label generator; add "
+                              "--mask-source generator")
         if self.mask is not None and self.mask_source is not None:
             raise ConfigError("give either --mask FILE or --mask-source, not both")
         if self.mask_labels is not None and self.mask is None:
@@ -195,10 +205,13 @@ class MaskPlan:
     """Where each case's conditioning mask comes from (resolved against the pipeline).
 
     Attributes:
-        source: "user" (one ``--mask`` file for every case) or "bank".
+        source: "user" (one ``--mask`` file for every case), "bank" or "generator".
         labels: the model's label table (name -> value).
         user_mask: the user's mask mapped onto the generation grid (source "user").
         bank: the mask bank (source "bank"); ``size``/``spacing`` are its target grid.
+        generator: the :class:`~medsynth.pipelines.label_generator_source.LabelGenerator`
+            (source "generator"), sampled on ``size``/``spacing`` from the case prompt and
+            ``generator_request`` (``volume_quantiles``, ``lesion_counts``, ``metadata``).
         lesions: requests painted into every case's mask.
     """
 
@@ -211,9 +224,13 @@ class MaskPlan:
     bank: Any = None
     bank_dir: str | None = None
     lesions: list[Any] = field(default_factory=list)
+    generator: Any = None
+    generator_dir: str | None = None
+    generator_request: dict[str, Any] = field(default_factory=dict)
 
-    def case_mask(self, seed: int) -> tuple[Volume, dict[str, Any], list[dict[str, Any]]]:
-        """``(mask, source record, lesion records)`` of the case seeded with ``seed`` (deterministic).
+    def case_mask(self, seed: int, prompt: str | None = None) -> tuple[Volume, dict[str, Any], list[dict[str, Any]]]:
+        """``(mask, source record, lesion records)`` of the case seeded with ``seed`` (deterministic);
+        ``prompt`` conditions the label generator.
 
         Raises:
             ConfigError: a lesion request that does not fit this mask's host organ.
@@ -223,6 +240,10 @@ class MaskPlan:
         rng = np.random.default_rng([int(seed), 1])  # apart from the noise, which is seeded by ``seed``
         if self.source == "user":
             mask, info = self.user_mask, {"kind": "user", "file": self.user_file}
+        elif self.source == "generator":
+            noise = torch.Generator().manual_seed(int(rng.integers(2 ** 63 - 1)))
+            mask = self.generator(prompt, [noise], size=self.size, spacing=self.spacing, **self.generator_request)[0]
+            info = {**mask.metadata.extra["mask_source"], "generator": self.generator_dir}
         else:
             mask = self.bank.sample(rng, target_shape=self.size, target_spacing=self.spacing)
             info = {**mask.metadata.extra["mask_source"], "bank": self.bank_dir}
@@ -237,13 +258,18 @@ class MaskPlan:
         return label, info, records
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "mask": self.user_file, "bank": self.bank_dir,
-                "lesions": [str(x) for x in self.lesions]}
+        out = {"source": self.source, "mask": self.user_file, "bank": self.bank_dir,
+               "lesions": [str(x) for x in self.lesions]}
+        if self.source == "generator":
+            out.update(generator=self.generator_dir, generator_sha256=self.generator.sha256,
+                       generator_request={k: v for k, v in self.generator_request.items() if k != "metadata"})
+        return out
 
 
 def plan_masks(pipeline: MedSynthPipeline, settings: GenerationSettings) -> MaskPlan | None:
-    """Resolve the mask source: ``--mask``, ``--mask-source bank`` / ``--bank``, the pipeline's
-    stored bank (with a ControlNet), or None (images only, placeholder labels).
+    """Resolve the mask source: ``--mask``, ``--mask-source bank`` / ``--bank``,
+    ``--mask-source generator``, the pipeline's stored bank or else its label generator (with a
+    ControlNet), or None (images only, placeholder labels).
 
     Raises:
         ConfigError: masks or lesions asked of a pipeline without a ControlNet, lesions or mask
@@ -257,6 +283,8 @@ def plan_masks(pipeline: MedSynthPipeline, settings: GenerationSettings) -> Mask
         source = "bank"
     if source is None and pipeline.controlnet is not None and pipeline.bank_path is not None:
         source = "bank"
+    if source is None and pipeline.controlnet is not None and pipeline.label_generator_path is not None:
+        source = "generator"
     if source is None:
         if settings.lesions:
             raise ConfigError("--lesion paints lesions into the conditioning mask, but there is none: give --mask FILE "
@@ -279,6 +307,26 @@ def plan_masks(pipeline: MedSynthPipeline, settings: GenerationSettings) -> Mask
         raw = read_volume(settings.mask, kind="label")
         plan.user_mask = map_user_mask(raw, generation_grid(raw, size, spacing), names, labels)
         plan.user_file = str(settings.mask)
+    elif source == "generator":
+        from medsynth.pipelines.label_generator_source import LabelGenerator, parse_attribute_items
+
+        if settings.bank is not None:
+            raise ConfigError("--bank is the mask bank source; it cannot be combined with --mask-source generator")
+        if pipeline.label_generator_path is None:
+            raise ConfigError("--mask-source generator needs a label generator in the pipeline: train one with "
+                              "`medsynth labels fit` and assemble with --label-generator RUN/export")
+        plan.generator = LabelGenerator.from_pretrained(pipeline.label_generator_path, device=pipeline.device)
+        plan.generator_dir = str(pipeline.label_generator_path)
+        unknown = sorted(set(plan.generator.labels.items()) - set(labels.items()))
+        if unknown:
+            raise ConfigError(f"the label generator makes labels {dict(unknown)} that the model does not know; "
+                              f"known labels are {labels}")
+        plan.generator_request = {
+            "volume_quantiles": parse_attribute_items(settings.label_attributes, "--label-attribute"),
+            "lesion_counts": parse_attribute_items(settings.lesion_counts, "--lesion-count", integer=True),
+            "metadata": dict(settings.metadata)}
+        plan.generator.attribute_values(plan.generator_request["volume_quantiles"],
+                                        plan.generator_request["lesion_counts"])  # refusals before any output
     else:
         from medsynth.pipelines.mask_bank import MaskBank
 
@@ -332,7 +380,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
     plan = plan_masks(pipeline, settings)
     first_mask = None
     if plan is not None:
-        first_mask = plan.case_mask(settings.case(0)[2])  # lesions that do not fit fail here
+        first_mask = plan.case_mask(settings.case(0)[2], settings.case(0)[1])  # lesions that do not fit fail here
         pipeline.check_mask(first_mask[0])
         if check is None and settings.quality_gate and pipeline.quality is not None:
             check = QualityGate.from_record(pipeline.quality, plan.labels, min_dice=settings.min_dice)
@@ -384,7 +432,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
                 volume = pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(seed)],
                                   spacing=settings.spacing, size=settings.size, metadata=settings.metadata)[0]
             else:
-                label, mask_info, lesion_records = first_mask if index == 0 else plan.case_mask(seed)
+                label, mask_info, lesion_records = first_mask if index == 0 else plan.case_mask(seed, prompt)
 
                 def make(s: int, label: Volume = label) -> Volume:
                     return pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(s)],

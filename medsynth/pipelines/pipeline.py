@@ -13,6 +13,8 @@ A pipeline folder (written by :func:`medsynth.pipelines.assemble.assemble_pipeli
     quality.json           optional: per-class intensity ranges and the baseline segmenter of
                            the quality gate, fit on the training split
     bank/                  optional: a mask bank (``medsynth labels bank``) to draw masks from
+    label_generator/       optional: config.json + model.safetensors (``medsynth labels fit``),
+                           a model that makes new masks from text and attributes
 
 Masks: with a ControlNet, ``pipe(prompt, mask=label_volume)`` generates an image on exactly the
 mask's grid (shape and affine), so the mask *is* its label map.
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_FORMAT = "medsynth.pipeline"
 PIPELINE_VERSION = 1
-COMPONENTS: tuple[str, ...] = ("autoencoder", "dit")  # required; controlnet, quality, bank are optional
+COMPONENTS: tuple[str, ...] = ("autoencoder", "dit")  # required; controlnet, quality, bank, label_generator optional
 QUALITY_FILE = "quality.json"
 # Metadata the DiT is conditioned on (see medsynth.models.embeddings.encode_metadata); anything
 # else would be silently ignored by the model, so it is refused instead.
@@ -123,7 +125,8 @@ class MedSynthPipeline:
     ``modality``, ``labels``, ``intensity`` (IntensityMapping to physical units),
     ``intensity_unit``, ``scale_factor``, ``default_size``, ``default_spacing``,
     ``default_metadata``, ``device``; ``controlnet`` (ControlNet3D or None), ``quality``
-    (the parsed quality.json or None) and ``bank_path`` (the stored mask bank or None).
+    (the parsed quality.json or None), ``bank_path`` (the stored mask bank or None) and
+    ``label_generator_path`` (the stored label generator export or None).
     """
 
     def __init__(self, autoencoder: nn.Module, dit: nn.Module, text_encoder: nn.Module,
@@ -150,6 +153,8 @@ class MedSynthPipeline:
         self.decode_overlap = None if decode.get("overlap") is None else tuple(decode["overlap"])
         comps = dict(record.get("components") or {})
         self.bank_path = None if path is None or "bank" not in comps else Path(path) / comps["bank"]["path"]
+        self.label_generator_path = (None if path is None or "label_generator" not in comps
+                                     else Path(path) / comps["label_generator"]["path"])
         self.quality: dict[str, Any] | None = None
         if path is not None and "quality" in comps:
             self.quality = json.loads((Path(path) / comps["quality"]["path"] / QUALITY_FILE).read_text("utf-8"))

@@ -208,8 +208,10 @@ def test_mask_settings_refusals(masked, pipe):
     from medsynth.pipelines.generate import plan_masks
 
     plain = MedSynthPipeline.from_pretrained(masked[1])
-    with pytest.raises(ConfigError, match="not available yet: the label generator model is not built"):
-        _settings(mask_source="generator")
+    with pytest.raises(ConfigError, match="needs a label generator in the pipeline"):
+        plan_masks(pipe, _settings(mask_source="generator"))
+    with pytest.raises(ConfigError, match="add --mask-source generator"):
+        _settings(label_attributes=["liver=0.5"])
     with pytest.raises(ConfigError, match="no ControlNet"):
         plan_masks(plain, _settings(mask_source="bank"))
     with pytest.raises(ConfigError, match="--lesion paints"):
