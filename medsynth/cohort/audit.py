@@ -45,7 +45,8 @@ def _shares(spec: CohortSpec, plan: dict[str, Any], statuses: dict[str, Any], to
     rows = {}
     for name, cls in spec.classes.items():
         share = produced.get(name, 0) / n if n else 0.0
-        rows[name] = {"target_share": cls.share, "planned": plan["counts"].get(name, 0), "produced": produced.get(name, 0),
+        rows[name] = {"target_share": cls.share, "planned": plan["counts"].get(name, 0),
+                      "produced": produced.get(name, 0),
                       "produced_share": round(share, 6), "abs_error": round(abs(share - cls.share), 6),
                       "mismatch": abs(share - cls.share) > tolerance}
     return {"n_written": n, "tolerance": tolerance, "classes": rows}
@@ -137,7 +138,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for name, row in report["shares"]["classes"].items():
         lines.append(f"| {name} | {row['target_share']:.3f} | {row['planned']} | {row['produced']} | "
                      f"{row['produced_share']:.3f} | {'MISMATCH' if row['mismatch'] else 'ok'} |")
-    lines += ["", "## Lesions", "", "| class | cases | count match | lesions | in size range |", "|---|---|---|---|---|"]
+    lines += ["", "## Lesions", "", "| class | cases | count match | lesions | in size range |",
+              "|---|---|---|---|---|"]
     for name, row in report["lesions"]["classes"].items():
         lines.append(f"| {name} | {row['cases']} | {row['count_match']} | {row['lesions']} | {row['in_size_range']} |")
     lines += ["", "## Statuses", "", ", ".join(f"{k}: {v}" for k, v in report["statuses"].items())]
@@ -148,7 +150,8 @@ def _markdown(report: dict[str, Any]) -> str:
     if "skipped" in mem:
         lines.append(f"skipped: {mem['skipped']}")
     else:
-        lines.append(f"embedding {mem['embedding']}; median synthetic NN distance {mem['synthetic_median_distance']:.4g}"
+        lines.append(f"embedding {mem['embedding']}; median synthetic NN distance "
+                     f"{mem['synthetic_median_distance']:.4g}"
                      + (f"; ratio of medians {mem['ratio_of_medians']:.3g}" if "ratio_of_medians" in mem else ""))
         lines.append(f"flagged pairs: {len(mem['flagged'])}; confirmed copies: {len(mem['confirmed_copies'])}")
         if mem.get("note"):
@@ -200,7 +203,8 @@ def audit_cohort(spec: CohortSpec, out: str | Path, *, tolerance: float = 0.05, 
     statuses = read_statuses(out)
     labels = dict(read_json_object(out / "dataset.json").get("labels", {})) if (out / "dataset.json").is_file() else {}
     if not labels:
-        raise InputError("dataset.json missing: the run has not finished any case yet; rerun `medsynth cohort run`", out)
+        raise InputError("dataset.json missing: the run has not finished any case yet; rerun `medsynth cohort run`",
+                         out)
     counts = Counter(statuses.get(c["case_id"], {}).get("status", "pending") for c in plan["cases"])
     report: dict[str, Any] = {
         "cohort": plan["cohort"], "out": str(out), "spec_sha256": plan["spec_sha256"], "n_planned": len(plan["cases"]),

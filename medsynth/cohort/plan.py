@@ -264,7 +264,8 @@ def build_plan(spec: CohortSpec, stats: RealStatistics, pipeline_record: dict[st
                       "lesions": lesions, "size_bin": None if item is None else item[1],
                       "spacing": spacings[index], "metadata": metadata, "prompt": prompt,
                       "seed": spec.seed + index})
-    why = [f"{name}: {k} of {spec.total} cases (share {spec.classes[name].share:g} -> {spec.total * spec.classes[name].share:g}"
+    why = [f"{name}: {k} of {spec.total} cases (share {spec.classes[name].share:g} -> "
+           f"{spec.total * spec.classes[name].share:g}"
            f", rounded by largest remainder)" + ("" if not spec.classes[name].is_lesion else
                                                 f"; real prevalence {stats.prevalence(name):.3g}")
            for name, k in zip(names, counts)]
@@ -305,7 +306,8 @@ def plan_cohort(spec: CohortSpec, progress: bool = True) -> dict[str, Any]:
 
 def describe_plan(plan: dict[str, Any]) -> str:
     """Human-readable plan summary: how many of each, and why."""
-    lines = [f"cohort {plan['cohort']!r}: {len(plan['cases'])} cases ({plan['modality']}); rounding: {plan['rounding']}"]
+    lines = [f"cohort {plan['cohort']!r}: {len(plan['cases'])} cases ({plan['modality']}); "
+             f"rounding: {plan['rounding']}"]
     lines += [f"  {w}" for w in plan["why"]]
     stats = plan["statistics"]
     lines.append(f"  real data {stats['dataset']!r}: {stats['n_cases']} train/val cases, sex {stats['sex'] or 'n/a'}, "

@@ -38,7 +38,8 @@ HEALTHY = "healthy"
 REAL = "real"
 """Value meaning "match the real dataset's distribution"."""
 SECTIONS: tuple[str, ...] = ("name", "total", "modality", "seed", "pipeline", "data", "out", "region", "classes",
-                             "spacing", "size", "demographics", "masks", "quality", "sampling", "prompt_template", "format")
+                             "spacing", "size", "demographics", "masks", "quality", "sampling", "prompt_template",
+                             "format")
 CLASS_KEYS: tuple[str, ...] = ("share", "host", "count", "size_bins")
 BIN_KEYS: tuple[str, ...] = ("range_mm", "share")
 MASK_KEYS: tuple[str, ...] = ("source", "file", "labels", "bank")

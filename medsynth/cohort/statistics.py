@@ -141,7 +141,8 @@ def real_statistics(dataset: Dataset, classes: Iterable[str] = (), hosts: Iterab
     for case in tqdm(cases, desc="real statistics", unit="case", disable=not progress):
         meta = case.metadata or {}
         age = meta.get("age")
-        real = RealCase(case.case_id, case.prompt, [], sex=None if meta.get("sex") is None else str(meta["sex"]).lower(),
+        sex = None if meta.get("sex") is None else str(meta["sex"]).lower()
+        real = RealCase(case.case_id, case.prompt, [], sex=sex,
                         age=float(age) if isinstance(age, (int, float)) and not isinstance(age, bool) else None,
                         region=None if meta.get("region") is None else str(meta["region"]).lower())
         if case.label is None:

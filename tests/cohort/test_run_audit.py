@@ -179,3 +179,20 @@ def test_cli_plan_run_audit_and_one_line_errors(cohort_parts, tmp_path, capsys, 
     assert_user_error(code, err, "no cohort here")
     code, _, err = run_cli(capsys, "cohort", "plan", "--spec", str(tmp_path / "missing.yaml"), "--out", str(out))
     assert_user_error(code, err, "missing.yaml", "does not exist")
+
+
+def test_quality_gate_failures_are_skipped_and_audited(cohort_parts, cohort_pipe, tmp_path):
+    from tests.pipelines.test_masked_generation import FailCalls
+
+    spec = load_spec(write_spec(tmp_path, cohort_parts, total=2, classes={"healthy": 1.0},
+                                quality={"gate": True, "max_retries": 0}))
+    out = tmp_path / "out"
+    result = run_cohort(spec, out, pipeline=cohort_pipe, progress=False, check=FailCalls(1))
+    assert result["statuses"]["skipped"] == 1 and result["statuses"]["done"] == 1
+    skipped = [s for s in read_statuses(out).values() if s["status"] == "skipped"]
+    assert skipped[0]["reason"] == "failed the quality gate: dice:liver" and len(read_dataset(out).cases) == 1
+    report = audit_cohort(spec, out, memorisation=False, progress=False)
+    assert report["statuses"]["skipped"] == 1 and report["reasons"] == {skipped[0]["case_id"]: skipped[0]["reason"]}
+    assert not report["ok"] and any("not written" in m for m in report["mismatches"])
+    # Deterministic failures are final: a rerun does not retry them.
+    assert run_cohort(spec, out, pipeline=cohort_pipe, progress=False)["counts"] == {"already_finished": 2}
