@@ -1,0 +1,244 @@
+"""Label generator benchmark (CPU): does it reproduce the training label statistics, and at what cost?
+
+    python scripts/bench_label_generator.py [--num 40] [--samples 48] [--ae-steps 400] [--dit-steps 1500]
+
+1. ``medsynth phantoms`` (CT, 32^3) + ``medsynth prepare`` -> a dataset folder;
+2. ``medsynth labels fit`` with ``configs/labels/tiny.yaml`` (steps overridden) on its train split;
+3. sample ``--samples`` maps with the few-step sampler (rectified flow, Euler, 10 steps) and
+   compare per-class volumes with the train split's (relative difference of medians,
+   two-sample KS statistic); the same for a small set sampled with 1000 Euler steps of the same
+   model, and for the real val split against train (how far two real samples of this size are);
+4. attributes: maps asked for liver size quantiles 0.1 and 0.9, and for a lesion count;
+5. cost: seconds per map of 10 Euler steps vs 1000 Euler steps and vs 1000 DDPM steps of the same
+   network (the DDPM run measures the cost of a 1000-step model; its maps are not scored, since
+   the network predicts velocities, not noise).
+
+Writes docs/benchmarks/label_generator_cpu.json and .md. Torch runs on ``--threads`` threads
+(default 1): the benchmark machine's 2 cores are shared, so timings are noisy upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_JSON = REPO / "docs" / "benchmarks" / "label_generator_cpu.json"
+OUT_MD = OUT_JSON.with_suffix(".md")
+# Tolerances the benchmark checks, for classes whose median training volume is at least
+# MIN_CLASS_ML (smaller classes are a few voxels at 32^3 and reported without a verdict).
+TOLERANCE_MEDIAN = 0.20
+TOLERANCE_KS = 0.35
+MIN_CLASS_ML = 50.0
+
+
+def _cli(argv: list[str]) -> None:
+    from medsynth.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"medsynth {' '.join(argv)} failed with exit code {code}")
+
+
+def _stats(volumes) -> dict:
+    from medsynth.evaluation.label_statistics import case_statistics, collect_statistics
+
+    return collect_statistics([case_statistics(v.array, LABELS, v.spacing) for v in volumes])
+
+
+def _sample(gen, n: int, batch: int, seed: int, prompts: list[str], **kwargs) -> tuple[list, float]:
+    import torch
+
+    maps, start = [], time.perf_counter()
+    for first in range(0, n, batch):
+        count = min(batch, n - first)
+        gens = [torch.Generator().manual_seed(seed + first + i) for i in range(count)]
+        maps += gen([prompts[(first + i) % len(prompts)] for i in range(count)], gens, **kwargs)
+    return maps, (time.perf_counter() - start) / n
+
+
+def _verdicts(comparison: dict, reference: dict) -> dict:
+    out = {}
+    for name, row in comparison["volumes"].items():
+        if row["reference_median_ml"] < MIN_CLASS_ML:
+            continue
+        out[name] = bool(row["relative_median_difference"] <= TOLERANCE_MEDIAN
+                         and (row["ks_statistic"] or 0) <= TOLERANCE_KS)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=40, help="phantom cases (70 %% train)")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=48, help="maps sampled with 10 steps")
+    parser.add_argument("--long-samples", type=int, default=8, help="maps sampled with 1000 Euler steps")
+    parser.add_argument("--steps", type=int, default=10, help="few-step sampler steps")
+    parser.add_argument("--ae-steps", type=int, default=400)
+    parser.add_argument("--dit-steps", type=int, default=1500)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("MEDSYNTH_BENCH_DIR",
+                                                                          "/tmp/medsynth_bench_labels")))
+    parser.add_argument("--keep", action="store_true", help="reuse the phantoms, dataset and model in --work")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    import yaml
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    work = args.work
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    if not (work / "data" / "dataset.json").is_file():
+        _cli(["phantoms", "--modality", "ct", "--num", str(args.num), "--size", str(args.size), "--lesion-rate", "0.5",
+              "--out", str(work / "phantoms"), "--no-progress"])
+        _cli(["prepare", "--input", str(work / "phantoms"), "--out", str(work / "data"), "--no-progress"])
+    timings["data_s"] = round(time.perf_counter() - t, 1)
+
+    config = yaml.safe_load((REPO / "configs" / "labels" / "tiny.yaml").read_text())
+    config["autoencoder_training"]["max_steps"] = args.ae_steps
+    config["dit_training"]["max_steps"] = args.dit_steps
+    (work / "labels.yaml").write_text(yaml.safe_dump(config))
+    t = time.perf_counter()
+    export = work / "run" / "export"
+    if not (args.keep and (export / "config.json").is_file()):
+        _cli(["labels", "fit", "--data", str(work / "data"), "--config", str(work / "labels.yaml"),
+              "--out", str(work / "run"), "--accelerator", "cpu"])
+    timings["fit_s"] = round(time.perf_counter() - t, 1)
+
+    from medsynth.data.manifest import read_dataset
+    from medsynth.diffusion import make_scheduler
+    from medsynth.evaluation.label_statistics import compare_statistics, volume_quantile
+    from medsynth.io.reader import read_volume
+    from medsynth.pipelines.label_generator_source import LabelGenerator
+
+    global LABELS
+    gen = LabelGenerator.from_pretrained(export)
+    LABELS = gen.labels
+    train = gen.statistics
+    dataset = read_dataset(work / "data")
+    prompts = [c.prompt or "" for c in dataset.cases_for("train")]
+    val = _stats([read_volume(c.label, kind="label") for c in dataset.cases_for("val")])
+
+    few, few_s = _sample(gen, args.samples, 8, 1000, prompts)
+    few_cmp = compare_statistics(train, _stats(few))
+    long_maps, long_s = _sample(gen, args.long_samples, args.long_samples, 1000, prompts, num_inference_steps=1000)
+    long_cmp = compare_statistics(train, _stats(long_maps))
+    # Cost per map at batch 1 (no batching advantage for any sampler).
+    _, ddpm_s = _sample(gen, 1, 1, 7, prompts, num_inference_steps=1000, scheduler=make_scheduler("epsilon", "ddpm"))
+    _, few_s_b1 = _sample(gen, 4, 1, 5, prompts)
+    _, long_s_b1 = _sample(gen, 1, 1, 5, prompts, num_inference_steps=1000)
+
+    liver = np.asarray(train["volumes_ml"]["liver"], dtype=float)
+    asked = {}
+    for q in (0.1, 0.9):
+        maps, _ = _sample(gen, 16, 8, 2000, prompts, volume_quantiles={"liver": q})
+        vols = _stats(maps)["volumes_ml"]["liver"]
+        asked[f"liver_q{q}"] = {"asked_quantile": q, "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
+                                "generated_median_ml": round(float(np.median(vols)), 1),
+                                "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))), 3)}
+    lesion_name = "liver_lesion"
+    seen = [int(c) for c in train["lesion_counts"].get(lesion_name, [])]
+    lesions = {"training_histogram": compare_statistics(train, train)["lesion_counts"][lesion_name]["reference_histogram"]}
+    for count in sorted({0, max(seen)}):
+        maps, _ = _sample(gen, 16, 8, 3000, prompts, lesion_counts={lesion_name: count})
+        got = _stats(maps)["lesion_counts"][lesion_name]
+        lesions[f"asked_{count}"] = {"mean": round(float(np.mean(got)), 3),
+                                     "exact_fraction": round(float(np.mean(np.asarray(got) == count)), 3),
+                                     "histogram": compare_statistics(train, {"volumes_ml": {}, "lesion_counts": {
+                                         lesion_name: got}})["lesion_counts"][lesion_name]["generated_histogram"]}
+
+    fit = json.loads((work / "run" / "fit_summary.json").read_text())
+    result = {
+        "command": "python scripts/bench_label_generator.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "note": "2 cores shared with other jobs: timings are noisy upper bounds"},
+        "data": {"phantoms": args.num, "size": args.size, "train_cases": train["num_cases"],
+                 "val_cases": val["num_cases"], "grid": gen.config["grid"]},
+        "training": {"autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps, "fit_seconds": fit["seconds"]},
+        "tolerances": {"relative_median_difference": TOLERANCE_MEDIAN, "ks_statistic": TOLERANCE_KS,
+                       "classes_with_median_ml_at_least": MIN_CLASS_ML},
+        "few_step": {"steps": args.steps, "samples": args.samples, "comparison": few_cmp,
+                     "within_tolerance": _verdicts(few_cmp, train)},
+        "thousand_step_euler": {"samples": args.long_samples, "comparison": long_cmp,
+                                "within_tolerance": _verdicts(long_cmp, train)},
+        "real_val_vs_train": {"comparison": compare_statistics(train, val)},
+        "attributes": {"liver_size": asked, "lesion_count": lesions},
+        "cost_seconds_per_map": {"few_step_batch8": round(few_s, 4), "few_step_batch1": round(few_s_b1, 4),
+                                 "euler_1000_batch_long": round(long_s, 3), "euler_1000_batch1": round(long_s_b1, 3),
+                                 "ddpm_1000_batch1": round(ddpm_s, 3),
+                                 "speedup_vs_ddpm_1000_batch1": round(ddpm_s / few_s_b1, 1),
+                                 "speedup_vs_euler_1000_batch1": round(long_s_b1 / few_s_b1, 1)},
+        "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
+    }
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    OUT_JSON.write_text(json.dumps(result, indent=2) + "\n")
+    OUT_MD.write_text(render_markdown(result))
+    print(OUT_MD.read_text())
+    return 0
+
+
+def render_markdown(r: dict) -> str:
+    """The JSON result as a short markdown report."""
+    lines = ["# Label generator: CPU benchmark", "",
+             f"Command: `{r['command']}` (total {r['timings']['total_s']} s).", "",
+             f"Machine: {r['machine']['cpu_cores']} CPU cores, torch {r['machine']['torch']} on "
+             f"{r['machine']['torch_threads']} thread(s), {r['machine']['platform']}. **The cores were shared with "
+             f"other jobs while this ran, so every timing is a noisy upper bound.**", "",
+             f"Data: {r['data']['phantoms']} CT phantoms at {r['data']['size']}^3 (`medsynth phantoms` + `prepare`); "
+             f"the label generator trains on the {r['data']['train_cases']} train cases only "
+             f"({r['training']['autoencoder_steps']} autoencoder + {r['training']['dit_steps']} DiT steps, "
+             f"{r['training']['fit_seconds']} s).", "",
+             f"## Volume distributions ({r['few_step']['samples']} maps, {r['few_step']['steps']} Euler steps, vs train)",
+             "", f"Tolerance: relative median difference <= {r['tolerances']['relative_median_difference']} and KS <= "
+             f"{r['tolerances']['ks_statistic']}, for classes with a median of at least "
+             f"{r['tolerances']['classes_with_median_ml_at_least']} mL.", "",
+             "| class | train median mL | generated median mL | rel. diff | KS | 1000-step KS | real val KS | within |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    few, long_, val = r["few_step"]["comparison"]["volumes"], r["thousand_step_euler"]["comparison"]["volumes"], \
+        r["real_val_vs_train"]["comparison"]["volumes"]
+    verdict = r["few_step"]["within_tolerance"]
+    for name, row in few.items():
+        lines.append(f"| {name} | {row['reference_median_ml']} | {row['generated_median_ml']} | "
+                     f"{row['relative_median_difference']} | {row['ks_statistic']} | {long_[name]['ks_statistic']} | "
+                     f"{val[name]['ks_statistic']} | {'yes' if verdict.get(name) else ('no' if name in verdict else '-')} |")
+    lines += ["", "\"real val KS\": the val split's real maps against train, i.e. how far two real samples of "
+              "this size already are.", "", "## Attributes", ""]
+    for key, row in r["attributes"]["liver_size"].items():
+        lines.append(f"- liver size quantile {row['asked_quantile']}: generated median {row['generated_median_ml']} mL "
+                     f"(training volume at that quantile {row['training_volume_at_quantile_ml']} mL; the generated "
+                     f"median sits at training quantile {row['generated_median_as_training_quantile']})")
+    les = r["attributes"]["lesion_count"]
+    lines.append(f"- liver lesions in training maps (count: cases): {les['training_histogram']}")
+    for key, row in les.items():
+        if key.startswith("asked_"):
+            lines.append(f"- asked for {key[6:]} lesion(s): mean {row['mean']}, exactly {key[6:]} in "
+                         f"{row['exact_fraction']:.0%} of maps, histogram {row['histogram']}")
+    c = r["cost_seconds_per_map"]
+    lines += ["", "## Cost per map", "", "| sampler | s / map |", "| --- | --- |",
+              f"| 10 Euler steps (batch 8) | {c['few_step_batch8']} |", f"| 10 Euler steps (batch 1) | {c['few_step_batch1']} |",
+              f"| 1000 Euler steps (batch 1) | {c['euler_1000_batch1']} |",
+              f"| 1000 DDPM steps, same network (batch 1) | {c['ddpm_1000_batch1']} |", "",
+              f"At batch 1, few-step sampling is {c['speedup_vs_ddpm_1000_batch1']}x cheaper per map than a 1000-step "
+              f"DDPM run of the same network and {c['speedup_vs_euler_1000_batch1']}x cheaper than 1000 Euler steps "
+              f"(the DDPM run measures cost only: the network predicts velocities, so its maps are not scored).", ""]
+    return "\n".join(lines)
+
+
+LABELS: dict[str, int] = {}
+
+if __name__ == "__main__":
+    raise SystemExit(main())
