@@ -220,6 +220,9 @@ def build_plan(spec: CohortSpec, stats: RealStatistics, pipeline_record: dict[st
     if wants_masks and "controlnet" not in components:
         raise ConfigError(f"masks.source: {spec.mask_source!r} needs a ControlNet in the pipeline (assemble it with "
                           f"--controlnet); use masks.source 'none' for images without lesion classes")
+    if spec.mask_source == "generator" and "label_generator" not in components:
+        raise ConfigError("masks.source: 'generator' needs a label generator in the pipeline (train one with "
+                          "`medsynth labels fit`, assemble with --label-generator); or use masks.source bank")
     if spec.mask_source == "bank" and spec.bank is None and "bank" not in components:
         raise ConfigError("masks.bank: the pipeline holds no mask bank; give masks.bank DIR (`medsynth labels bank`)")
     hosts = _check_classes(spec, labels, stats)

@@ -474,9 +474,9 @@ def run_cohort(spec: CohortSpec, out: str | Path, *, fmt: str | None = None, dev
     plan = load_or_plan(spec, out, progress=progress)
     from lightning.fabric import Fabric
 
-    world = int(devices) * int(num_nodes) if str(devices).isdigit() else None
+    # "auto": one process for one device, DDP (one process per device, gloo on CPU) for several.
     fabric = Fabric(accelerator="cpu" if pipeline is not None else accelerator, devices=devices,
-                    num_nodes=num_nodes, strategy="auto" if world == 1 else "ddp")
+                    num_nodes=num_nodes, strategy="auto")
     fabric.launch()
     if fabric.global_rank == 0:
         claim_output(out, plan)

@@ -125,6 +125,7 @@ def test_plan_matches_real_counts_and_sizes():
     (base(modality="MR"), RECORD, "modality: the spec asks for MR"),
     (base(demographics={"sex": {"female": 0.5, "other": 0.5}}), RECORD, "demographics.sex.other"),
     (base(), {**RECORD, "components": {}}, "masks.source: 'bank' needs a ControlNet"),
+    (base(masks={"source": "generator"}), RECORD, "masks.source: 'generator' needs a label generator"),
 ])
 def test_plan_refuses_what_the_data_cannot_give(raw, record, key):
     with pytest.raises(ConfigError) as err:
