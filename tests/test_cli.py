@@ -156,6 +156,25 @@ def test_console_script_entry_point() -> None:
     assert result.stderr.strip() == "error: /no/such/file.nii.gz: does not exist"
 
 
+@pytest.mark.parametrize("module", ["medsynth", "medsynth.cli"])
+def test_python_dash_m_runs_the_cli(module: str) -> None:
+    result = subprocess.run([sys.executable, "-m", module, "info", "/no/such/file.nii.gz"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: /no/such/file.nii.gz: does not exist"
+
+
+def test_demo_command_lines_can_be_pasted_into_a_shell(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import shlex
+
+    from medsynth.cli.demo import run_command
+
+    out = tmp_path / "with space"
+    run_command(["phantoms", "--modality", "ct", "--num", "3", "--size", "16", "--out", str(out), "--no-progress"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("$ medsynth"))
+    assert shlex.split(line.strip()[2:])[-2] == str(out)  # the path with a space stays one argument
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,14 +43,18 @@ CONFIGS = _configs_dir()
 RARE_LESION = {"ct": ("liver_lesion", "liver"), "mr": ("tumour_core", "white_matter")}
 
 
-def lesion_spec(modality: str, size: int) -> str:
-    """``CLASS:1:MIN-MAXmm:HOST`` sized for the phantom grid: at least 2.2 voxels across, so the
-    lesion survives in the label map (lesion insertion refuses anything below two voxels)."""
+def phantom_voxel_mm(modality: str, size: int) -> float:
+    """The largest voxel edge of a ``size^3`` phantom (its field of view / size)."""
     from medsynth.data.phantoms_ct import CT_FOV_MM
     from medsynth.data.phantoms_mr import MR_FOV_MM
 
-    fov = CT_FOV_MM if modality == "ct" else MR_FOV_MM
-    voxel = max(fov) / size
+    return max(CT_FOV_MM if modality == "ct" else MR_FOV_MM) / size
+
+
+def lesion_spec(modality: str, size: int) -> str:
+    """``CLASS:1:MIN-MAXmm:HOST`` sized for the phantom grid: at least 2.2 voxels across, so the
+    lesion survives in the label map (lesion insertion refuses anything below two voxels)."""
+    voxel = phantom_voxel_mm(modality, size)
     low, high = max(10.0, 2.2 * voxel), max(20.0, 3.2 * voxel)
     name, host = RARE_LESION[modality]
     return f"{name}:1:{low:.0f}-{high:.0f}mm:{host}"
@@ -99,25 +104,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def stage_phantoms(settings: DemoSettings, state: DemoState) -> str:
-    from medsynth.data.phantom_dataset import write_phantom_dataset
+    from medsynth.data.manifest import read_dataset
 
     root = settings.out / "phantoms"
     # A higher lesion rate than the default keeps at least one rare case in a small demo set.
-    dataset = write_phantom_dataset(root, modality=settings.modality, num=settings.num_cases,
-                                    size=settings.size, seed=settings.seed, lesion_rate=0.3,
-                                    progress=settings.progress)
+    run_command(["phantoms", "--modality", settings.modality, "--num", str(settings.num_cases),
+                 "--size", str(settings.size), "--out", str(root), "--seed", str(settings.seed),
+                 "--lesion-rate", "0.3", *_quiet(settings)])
+    dataset = read_dataset(root)
     state.outputs["phantom dataset"] = root
-    n_lesion = sum(1 for c in dataset.cases if c.metadata.get("has_lesion"))
+    n_lesion = sum(1 for c in dataset.cases if (c.metadata or {}).get("has_lesion"))
     return f"{len(dataset.cases)} {settings.modality.upper()} phantoms at {settings.size}^3, {n_lesion} with a lesion"
 
 
 def stage_prepare(settings: DemoSettings, state: DemoState) -> str:
-    from medsynth.data.prepare import prepare_dataset
+    from medsynth.data.manifest import read_dataset
 
     root = settings.out / "prepared"
-    dataset = prepare_dataset(state.outputs["phantom dataset"], root, spacing=None,
-                              modality=settings.modality.upper(), multiple_of=8,
-                              progress=settings.progress)
+    run_command(["prepare", "--input", str(state.outputs["phantom dataset"]), "--out", str(root),
+                 "--modality", settings.modality.upper(), "--multiple-of", "8", *_quiet(settings)])
+    dataset = read_dataset(root)
     state.outputs["prepared dataset"] = root
     splits = ", ".join(f"{k} {len(v)}" for k, v in dataset.splits.items() if isinstance(v, list))
     return f"canonical RAS dataset with splits ({splits})"
@@ -130,7 +136,7 @@ def run_command(argv: list[str]) -> None:
     """
     from medsynth.cli import build_parser
 
-    print("    $ medsynth " + " ".join(argv), flush=True)
+    print("    $ medsynth " + shlex.join(argv), flush=True)
     args = build_parser().parse_args(argv)
     code = int(args.func(args) or 0)
     if code:
@@ -220,8 +226,11 @@ def stage_generate(settings: DemoSettings, state: DemoState) -> str:
 def stage_evaluate(settings: DemoSettings, state: DemoState) -> str:
     out = settings.out / "evaluation"
     size = str(settings.size)
+    # The protocol grid must cover the phantoms' whole field of view: the default 1 mm spacing
+    # (MAISI's, for real CT) would keep only the central few centimetres of a coarse phantom.
+    spacing = f"{phantom_voxel_mm(settings.modality, settings.size):.4g}"
     run_command(["evaluate", "--real", str(state.outputs["prepared dataset"]), "--synthetic",
-                 str(state.outputs["synthetic dataset"]), "--out", str(out), "--size", size,
+                 str(state.outputs["synthetic dataset"]), "--out", str(out), "--size", size, "--spacing", spacing,
                  "--bootstrap", _steps(settings, 50, 10), "--no-cache"])
     state.outputs["evaluation report"] = out / "report.html"
     return "FID family, diversity, memorisation audit and mask fidelity"

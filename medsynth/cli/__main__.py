@@ -1,0 +1,7 @@
+"""``python -m medsynth.cli``: the same entry point as the ``medsynth`` console script."""
+
+import sys
+
+from medsynth.cli import main
+
+sys.exit(main())
