@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--spec", required=True, type=Path, help="cohort spec YAML (docs/cohort.md)")
         # dest is not "out": the CLI's clean-up of new output folders must never delete finished cases.
-        parser.add_argument("--out", dest="cohort_out", type=Path, default=None,
+        parser.add_argument("--out", dest="cohort_out", metavar="DIR", type=Path, default=None,
                             help="output folder (default: the spec's 'out')")
         parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

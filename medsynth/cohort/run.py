@@ -110,7 +110,8 @@ def claim_output(out: Path, plan: dict[str, Any]) -> None:
             raise ConfigError(f"{out} holds cohort {have.get('cohort')!r} made from another spec (spec sha256 "
                               f"{str(have.get('spec_sha256'))[:12]}..., this spec gives {wanted['spec_sha256'][:12]}"
                               f"...); use a new output folder or delete that one")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and (not out.is_dir() or any(p.name != PLAN_FILE for p in out.iterdir())):
+        # (a lone plan.json is a claim killed before its marker was written)
         raise ConfigError(f"{out} is not empty and holds no cohort ({COHORT_FILE} missing); use a new or empty "
                           f"output folder")
     out.mkdir(parents=True, exist_ok=True)
