@@ -30,11 +30,12 @@ from medsynth.evaluation.mask_fidelity import (Segmenter, ThresholdSegmenter, ma
                                                summarise_agreement)
 from medsynth.evaluation.preprocessing import Protocol
 from medsynth.evaluation.privacy import memorisation_audit
-from medsynth.evaluation.quality import check_medians, fit_intensity_ranges
+from medsynth.evaluation.quality import MIN_TRAINING_CASES, check_medians, fit_intensity_ranges
 from medsynth.evaluation.sample_metrics import precision_recall_density_coverage
 from medsynth.evaluation.set_metrics import MIN_VOLUMES, MetricSettings, skipped, slice_metrics, volume_metrics
 from medsynth.evaluation.weights import parse_weights_spec
 from medsynth.io import read_volume
+from medsynth.io.volume import Volume
 
 log = logging.getLogger(__name__)
 MAX_CEILING_CASES = 20
@@ -211,36 +212,77 @@ def _label_metrics(real_ds: Dataset, syn_ds: Dataset, real: Sequence[CaseData], 
     out: dict[str, Any] = {"intensity": {"unit": "HU" if _modality(real_ds) == "CT" else "a.u.",
                                          "classes": class_statistics(pooled_r, pooled_s)}}
     train = [c for c in real if c.split in (None, "train", "val")] or list(real)
-    ranges = fit_intensity_ranges(c.medians for c in train)
-    checks = {}
-    for c in syn:
-        checks[c.case_id] = check_medians(c.medians, ranges).to_dict()
-    out["quality"] = {"rule": "class median within mean +/- 3 sd of real training medians, widened to their "
-                              "0.5-99.5 percentiles",
-                      "ranges": {n: asdict(r) for n, r in ranges.items()}, "fit_on": [c.case_id for c in train],
-                      "pass_rate": float(np.mean([v["passed"] for v in checks.values()])) if checks else None,
-                      "cases": checks}
+    out["quality"] = _quality(train, syn)
     out["mask_fidelity"] = _mask_fidelity(real_ds, syn_ds, train, labels, config, segmenter)
     return out
+
+
+def _quality(train: Sequence[CaseData], syn: Sequence[CaseData]) -> dict[str, Any]:
+    """The intensity quality check of every synthetic case against ranges fit on ``train``.
+
+    A class needs real medians from >= MIN_TRAINING_CASES training volumes for a range; with no
+    range at all nothing can be checked, and a pass rate of 1.0 would be a meaningless number,
+    so the check is skipped with the minimum named. Cases with no checked class do not count.
+    """
+    ranges = fit_intensity_ranges(c.medians for c in train)
+    n_labelled = sum(1 for c in train if c.medians)
+    if not ranges:
+        return {"skipped": f"intensity_check needs >= {MIN_TRAINING_CASES} real training volumes with labels "
+                           f"per class; got {n_labelled}"}
+    checks = {c.case_id: check_medians(c.medians, ranges).to_dict() for c in syn}
+    checked = [v["passed"] for v in checks.values() if v["classes"]]
+    return {"rule": "class median within mean +/- 3 sd of real training medians, widened to their "
+                    "0.5-99.5 percentiles",
+            "ranges": {n: asdict(r) for n, r in ranges.items()}, "fit_on": [c.case_id for c in train if c.medians],
+            "pass_rate": float(np.mean(checked)) if checked else None, "n_checked": len(checked),
+            "cases": checks}
+
+
+def _read_pair(case: Case) -> tuple[Volume, Volume] | None:
+    """Image and label of a case, or None (with a warning) when the label is on another grid.
+
+    :func:`collect_case` already leaves such cases out of the label statistics; mask fidelity
+    does the same rather than fail deep inside a metric on arrays of different shapes.
+    """
+    image, label = read_volume(case.image, kind="image"), read_volume(case.label, kind="label")
+    if label.shape != image.shape:
+        log.warning("case %s: label grid %s differs from image %s; left out of mask fidelity",
+                    case.case_id, label.shape, image.shape)
+        return None
+    return image, label
 
 
 def _mask_fidelity(real_ds: Dataset, syn_ds: Dataset, train: Sequence[CaseData], labels: dict[str, int],
                    config: EvaluationConfig, segmenter: Segmenter | None) -> dict[str, Any]:
     train_ids = {c.case_id for c in train}
+    left_out: list[str] = []
     if segmenter is None and config.segmentations is None:
-        pairs = [(read_volume(c.image, kind="image").array, read_volume(c.label, kind="label").array)
-                 for c in real_ds.cases if c.case_id in train_ids and c.label is not None]
+        pairs = []
+        for c in real_ds.cases:
+            if c.case_id in train_ids and c.label is not None:
+                if (pair := _read_pair(c)) is None:
+                    left_out.append(c.case_id)
+                else:
+                    pairs.append((pair[0].array, pair[1].array))
+        if not pairs:
+            return {"skipped": "mask fidelity needs >= 1 real training volume whose label shares its image grid"}
         segmenter = ThresholdSegmenter().fit(pairs, labels, seed=config.settings.seed)
 
     def score(case: Case, provided: Path | None) -> dict[str, Any] | None:
         if case.label is None:
             return None
-        image, label = read_volume(case.image, kind="image"), read_volume(case.label, kind="label")
+        if (pair := _read_pair(case)) is None:
+            left_out.append(case.case_id)
+            return None
+        image, label = pair
         if provided is not None:
             if not provided.is_file():
                 raise InputError(f"no segmentation for synthetic case {case.case_id!r}; expected "
                                  f"<case_id>.nii.gz in --segmentations", provided)
             prediction = read_volume(provided, kind="label").array
+            if prediction.shape != label.shape:
+                raise InputError(f"segmentation of {case.case_id!r} has shape {prediction.shape}, its label "
+                                 f"{label.shape}; segmentations must be on the synthetic image's grid", provided)
         else:
             prediction = segmenter.predict(image.array)  # type: ignore[union-attr]
         return mask_agreement(prediction, label.array, labels, image.spacing)
@@ -257,6 +299,8 @@ def _mask_fidelity(real_ds: Dataset, syn_ds: Dataset, train: Sequence[CaseData],
         ceiling = {c.case_id: s for c in held[:MAX_CEILING_CASES] if (s := score(c, None)) is not None}
         out["real_ceiling"] = summarise_agreement(ceiling)
         out["real_ceiling_cases"] = sorted(ceiling)
+    if left_out:
+        out["left_out"] = {"cases": sorted(set(left_out)), "reason": "label grid differs from the image grid"}
     return out
 
 

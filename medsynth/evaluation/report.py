@@ -103,7 +103,13 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     q = report.get("quality", {})
     if "pass_rate" in q:
         rows.append(("intensity quality check", "pass rate (synthetic)", _fmt(q["pass_rate"])))
+    elif "skipped" in q:
+        rows.append(("intensity quality check", "pass rate (synthetic)", _fmt(q)))
     mf = report.get("mask_fidelity", {})
+    if "skipped" in mf and "skipped" not in q:  # both skipped: one label note is enough
+        rows.append(("mask fidelity", "Dice", _fmt(mf)))
+    if "left_out" in mf:
+        rows.append(("mask fidelity", "cases left out", f"{mf['left_out']['cases']} ({mf['left_out']['reason']})"))
     for name, scores in mf.get("synthetic", {}).items():
         ceiling = mf.get("real_ceiling", {}).get(name, {})
         rows.append(("mask fidelity (Dice, synthetic | real ceiling)", name,
