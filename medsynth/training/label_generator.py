@@ -357,8 +357,9 @@ def load_label_generator(directory: str | Path, device: torch.device | str = "cp
         ae = LabelAutoencoder(LabelAutoencoderConfig.from_dict(export.config["autoencoder"]))
         dit = DiT3D(DiTConfig.from_dict(export.config["dit"]))
         encoder = build_text_encoder(dict(export.config["text_encoder"]))
-        for key in ("labels", "grid", "latent", "statistics"):
-            export.config[key]  # noqa: B018 - presence check
+        missing = [k for k in ("labels", "grid", "latent", "statistics") if k not in export.config]
+        if missing:
+            raise KeyError(f"missing sections {missing}")
     except (KeyError, TypeError, ConfigError) as err:
         raise InputError(f"invalid label generator config ({err}); re-export the model", cfg_path) from None
     parts = nn.ModuleDict({"autoencoder": ae, "dit": dit})
@@ -390,6 +391,24 @@ def encode_labels(model: LabelAutoencoder, arrays: Sequence[np.ndarray], batch_s
         label = torch.from_numpy(np.stack(arrays[i:i + batch_size])).to(device)
         out.append(model.encode(model.one_hot(label)).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruction_dice(model: LabelAutoencoder, latents: Tensor, arrays: Sequence[np.ndarray],
+                        labels: Mapping[str, int]) -> dict[str, float]:
+    """Per-class Dice of the autoencoder's reconstruction of the training maps (pooled over cases)."""
+    recon = model.decode_labels(latents.to(next(model.parameters()).device),
+                                allowed=sorted(labels.values())).cpu().numpy()  # (N, X, Y, Z)
+    truth = np.stack(arrays)
+    out = {}
+    for name, value in labels.items():
+        if value == 0:
+            continue
+        a, b = recon == value, truth == value
+        total = int(a.sum() + b.sum())
+        if total:
+            out[name] = round(2.0 * float((a & b).sum()) / total, 4)
+    return out
 
 
 def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: Mapping[str, Any],
@@ -434,6 +453,7 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     autoencoder = ae_module.model.cpu().eval().requires_grad_(False)
 
     latents = encode_labels(autoencoder, data.arrays)  # (N, L, x, y, z)
+    recon_dice = reconstruction_dice(autoencoder, latents, data.arrays, data.labels)
     scale = float(1.0 / max(float(latents.std()), 1e-6))
     attributes = data.attribute_values(names)
     dit_dict.update(in_channels=autoencoder.config.latent_channels, attributes=list(names))
@@ -465,6 +485,7 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
               "statistics": {**data.statistics, "splits": ["train"], "case_ids": data.case_ids}}
     metadata = {"dataset": data.source, "trained_steps": {"autoencoder": int(ae_module.global_step),
                                                           "dit": int(dit_module.global_step)},
+                "autoencoder_reconstruction_dice": recon_dice,
                 "training": {"autoencoder_training": asdict(ae_train), "dit_training": dit_train.to_dict(),
                              "attributes": asdict(attr_cfg)}}
     return save_label_generator(out / "export", autoencoder, copy.deepcopy(dit_module.ema).cpu().eval(),
@@ -473,5 +494,6 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
 
 __all__ = ["LabelAETrainingConfig", "AttributeConfig", "LabelCases", "read_label_cases", "LabelMapDataset",
            "LabelLatentDataset", "LabelAutoencoderModule", "soft_dice_loss", "save_label_generator",
-           "load_label_generator", "fit_label_generator", "parse_label_config", "encode_labels", "KIND",
+           "load_label_generator", "fit_label_generator", "parse_label_config", "encode_labels",
+           "reconstruction_dice", "KIND",
            "VOLUME_PREFIX", "LESION_PREFIX", "SECTIONS"]
