@@ -382,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", type=Path, default=None, help="pipeline folder: add a generated set")
     parser.add_argument("--prompt", default="CT abdomen portal venous", help="prompt for --pipeline")
     parser.add_argument("--results", type=Path, default=RESULTS_JSON,
-                        help="results JSON; the Markdown goes beside it (default docs/benchmarks/evaluation_ranking.json)")
+                        help="results JSON, the Markdown goes beside it (default docs/benchmarks/"
+                             "evaluation_ranking.json)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON")
     args = parser.parse_args(argv)
     if args.report_only:
