@@ -229,6 +229,7 @@ class Runner:
         self.scale = scale
         self.budget = float(args.budget)
         self.autocast = args.precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if self.autocast else None  # for the sampling loop's own switch
         self.compile = bool(args.compile)
         self.channels_last = bool(args.channels_last)
         self.seed = int(args.seed)
@@ -654,9 +655,8 @@ def section_models(runner: Runner, cache: Path | None) -> dict[str, Any]:
         sampler = "euler" if objective_name == "rectified_flow" else "ddim"
         gen_s = torch.Generator().manual_seed(runner.seed + 3)
         t0 = time.perf_counter()
-        with runner.ctx():
-            samples = denoise(model, make_scheduler(objective_name, sampler), tuple(heldout.shape),
-                              num_inference_steps=s.sample_steps, generator=gen_s)
+        samples = denoise(model, make_scheduler(objective_name, sampler), tuple(heldout.shape),
+                          num_inference_steps=s.sample_steps, generator=gen_s, autocast_dtype=runner.autocast_dtype)
         _sync(dev)
         row["sample_seconds"] = round(time.perf_counter() - t0, 2)
         row["sampler"] = f"{sampler} {s.sample_steps} steps"
@@ -795,9 +795,9 @@ def section_sampling(runner: Runner) -> dict[str, Any]:
                 # End to end through the one sampling loop + tiled decode, to check the additive model.
                 sched = make_scheduler("rectified_flow")
                 t0 = time.perf_counter()
+                z = denoise(model, sched, (1, LATENT_CHANNELS, *lat), num_inference_steps=s.sample_steps,
+                            generator=torch.Generator().manual_seed(0), autocast_dtype=runner.autocast_dtype)
                 with runner.ctx():
-                    z = denoise(model, sched, (1, LATENT_CHANNELS, *lat), num_inference_steps=s.sample_steps,
-                                generator=torch.Generator().manual_seed(0))
                     _decode_ours(vq, z, window)
                 _sync(dev)
                 e2e.append({"image": list(shape), "pipeline": f"ours p{patch} + VQ-GAN tiled decode",
