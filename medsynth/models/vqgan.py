@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from medsynth.models.autoencoder_config import VQGANConfig
-from medsynth.models.quantizer import QuantizerOutput, VectorQuantizer
+from medsynth.models.quantizer import GroupedVectorQuantizer, QuantizerOutput, VectorQuantizer
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -165,9 +165,17 @@ class VQGAN(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder3d(config)
-        self.quantizer = VectorQuantizer(config.num_embeddings, config.latent_channels,
-                                         config.commitment_weight, config.ema_decay,
-                                         config.dead_code_threshold)
+        # One codebook keeps the original module (and state-dict keys), so exports made before
+        # ``num_codebooks`` existed load unchanged.
+        self.quantizer: VectorQuantizer | GroupedVectorQuantizer
+        if config.num_codebooks == 1:
+            self.quantizer = VectorQuantizer(config.num_embeddings, config.latent_channels,
+                                             config.commitment_weight, config.ema_decay,
+                                             config.dead_code_threshold)
+        else:
+            self.quantizer = GroupedVectorQuantizer(config.num_codebooks, config.num_embeddings,
+                                                    config.latent_channels, config.commitment_weight,
+                                                    config.ema_decay, config.dead_code_threshold)
         self.decoder = Decoder3d(config)
 
     @property
@@ -197,7 +205,8 @@ class VQGAN(nn.Module):
         return self.encoder(x)
 
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
-        """Snap a latent ``(B, L, x, y, z)`` onto the codebook."""
+        """Snap a latent ``(B, L, x, y, z)`` onto the codebook(s); ``indices`` is ``(B, x, y, z)``
+        with one codebook and ``(B, G, x, y, z)`` with ``num_codebooks = G > 1``."""
         return self.quantizer(z)
 
     def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import load_autoencoder, load_feature_network, save_autoencoder
-from medsynth.models import (VQGAN, DiscriminatorConfig, PatchDiscriminator3d, VectorQuantizer,
-                             VQGANConfig, preset)
+from medsynth.models import (VQGAN, DiscriminatorConfig, GroupedVectorQuantizer, PatchDiscriminator3d,
+                             VectorQuantizer, VQGANConfig, preset)
 
 
 def tiny_config(**kw) -> VQGANConfig:
@@ -47,6 +47,10 @@ def test_bad_inputs_name_values():
         VQGANConfig.from_dict({"chanels": [8, 16]})
     with pytest.raises(ConfigError, match="norm='LAYER'"):
         DiscriminatorConfig(norm="layer")
+    with pytest.raises(ConfigError, match="num_codebooks=3 and latent_channels=4"):
+        VQGANConfig(latent_channels=4, num_codebooks=3)
+    with pytest.raises(ConfigError, match="num_codebooks=0"):
+        VQGANConfig(latent_channels=4, num_codebooks=0)
 
 
 def test_presets_build_configs():
@@ -91,6 +95,40 @@ def test_quantizer_straight_through_and_eval_is_frozen():
     assert torch.equal(before, vq.embedding)
 
 
+def test_grouped_quantizer_shapes_codebooks_and_straight_through():
+    torch.manual_seed(0)
+    model = VQGAN(tiny_config(latent_channels=8, num_codebooks=4, num_embeddings=16))
+    assert isinstance(model.quantizer, GroupedVectorQuantizer)
+    assert [vq.embedding.shape for vq in model.quantizer.codebooks] == [(16, 2)] * 4
+    model.train()
+    x = torch.randn(2, 1, 16, 16, 16)
+    recon, q = model(x)
+    assert recon.shape == x.shape and q.quantized.shape == (2, 8, 4, 4, 4)
+    assert q.indices.shape == (2, 4, 4, 4, 4) and q.perplexities.shape == (4,)
+    assert float(q.perplexity) == pytest.approx(float(q.perplexities.mean()))
+    assert all(1.0 < float(p) <= 16 for p in q.perplexities)
+    # each group is snapped onto its own codebook: lookup of the indices gives the quantised latent
+    assert torch.allclose(model.quantizer.lookup(q.indices), q.quantized, atol=1e-6)
+    # product quantisation represents more distinct vectors than one codebook of the same size
+    distinct = torch.unique(q.indices.permute(0, 2, 3, 4, 1).reshape(-1, 4), dim=0).shape[0]
+    assert distinct > 16
+    z = torch.randn(1, 8, 2, 2, 2, requires_grad=True)
+    model.quantizer(z).quantized.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))
+    with pytest.raises(ValueError, match="8 latent channels"):
+        model.quantizer(torch.randn(1, 4, 2, 2, 2))
+    model.eval()
+    assert model.decode(model.encode(x)).shape == x.shape
+
+
+def test_single_codebook_keeps_state_dict_keys():
+    # exports made before num_codebooks existed hold quantizer.embedding etc.: they must still load
+    keys = set(VQGAN(tiny_config()).state_dict())
+    assert {"quantizer.embedding", "quantizer.ema_count", "quantizer.ema_sum"} <= keys
+    assert VQGANConfig.from_dict({k: v for k, v in tiny_config().to_dict().items()
+                                  if k != "num_codebooks"}).num_codebooks == 1
+
+
 def test_discriminator_shape():
     d = PatchDiscriminator3d(DiscriminatorConfig(channels=8, num_layers=2))
     assert d(torch.randn(2, 1, 32, 32, 32)).shape[:2] == (2, 1)
@@ -107,6 +145,13 @@ def test_export_round_trip_and_corruption(tmp_path):
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x)[0], loaded(x)[0])
+    # an export written before num_codebooks existed loads as one codebook, unchanged
+    record = json.loads((tmp_path / "m" / "config.json").read_text())
+    del record["config"]["num_codebooks"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(record))
+    old, _ = load_autoencoder(tmp_path / "m")
+    with torch.no_grad():
+        assert old.config.num_codebooks == 1 and torch.equal(model(x)[0], old(x)[0])
     assert export.metadata["modality"] == "CT" and len(export.sha256) == 64
     # truncated weights
     w = tmp_path / "m" / "model.safetensors"
@@ -127,6 +172,16 @@ def test_export_round_trip_and_corruption(tmp_path):
         load_autoencoder(tmp_path / "m2")
     with pytest.raises(InputError, match="does not exist"):
         load_autoencoder(tmp_path / "absent")
+    # grouped quantiser round trip
+    grouped = VQGAN(tiny_config(latent_channels=8, num_codebooks=2))
+    grouped.train()
+    grouped(torch.randn(1, 1, 16, 16, 16))
+    grouped.eval()
+    save_autoencoder(tmp_path / "g", grouped)
+    loaded, export = load_autoencoder(tmp_path / "g")
+    assert loaded.config.num_codebooks == 2
+    with torch.no_grad():
+        assert torch.equal(grouped(x)[0], loaded(x)[0])
 
 
 def test_feature_network_sha256_check(tmp_path):
