@@ -8,11 +8,13 @@ devices, precision (bf16/16-mixed/32), DDP, checkpointing and logging.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from medsynth.errors import ConfigError
 from medsynth.models.autoencoder_config import DiscriminatorConfig, VQGANConfig, config_from_dict
@@ -21,6 +23,8 @@ from medsynth.models.vqgan import VQGAN
 from medsynth.training.losses import (ADV_CRITERIA, PerceptualLoss, ReconstructionLoss,
                                       adaptive_adversarial_weight, discriminator_loss,
                                       generator_adversarial_loss)
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -31,7 +35,20 @@ class AutoencoderTrainingConfig:
         max_steps: generator steps (one per batch).
         lr: generator learning rate (Adam).
         lr_discriminator: discriminator learning rate.
-        betas: Adam betas; beta1=0.5 is the GAN-standard choice (less momentum chasing D).
+        betas: generator Adam betas. (0.9, 0.99) trains the autoencoder much faster than the
+            GAN-standard (0.5, 0.9): the generator is a reconstruction model for most of its
+            training, and the adversarial term is small. The presets say which they use.
+        betas_discriminator: discriminator Adam betas; ``None`` means the same as ``betas``
+            (the behaviour of configs written before this field). beta1=0.5 is the GAN-standard
+            choice for D (less momentum chasing a moving generator).
+        lr_warmup_steps: linear warm-up of both learning rates over this many generator steps
+            (0: none). Protects the freshly initialised codebook from large early updates.
+        lr_schedule: "constant" or "cosine": the generator lr decays to ``lr_min_ratio * lr``
+            at the end of training, which is ``max_steps`` or, when the run has a time budget
+            (``--max-time``), whichever of the two comes first (progress is the larger of the
+            step and time fractions), so a time-budgeted run on a busy machine still ends at
+            the low lr. The discriminator lr stays constant after warm-up.
+        lr_min_ratio: final generator lr as a fraction of ``lr`` under the cosine schedule.
         l1_weight, ssim_weight: reconstruction terms.
         adversarial_weight: weight of the generator's adversarial term. With
             ``adaptive_adversarial_weight`` it multiplies the adaptive ratio (taming's
@@ -56,6 +73,10 @@ class AutoencoderTrainingConfig:
     lr: float = 2e-4
     lr_discriminator: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.9)
+    betas_discriminator: tuple[float, float] | None = None
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
     l1_weight: float = 1.0
     ssim_weight: float = 0.2
     adversarial_weight: float = 0.05
@@ -73,6 +94,8 @@ class AutoencoderTrainingConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if self.betas_discriminator is not None:
+            self.betas_discriminator = tuple(float(b) for b in self.betas_discriminator)  # type: ignore[assignment]
         if self.adversarial_criterion not in ADV_CRITERIA:
             raise ConfigError(f"expects adversarial_criterion in {ADV_CRITERIA}, but got "
                               f"adversarial_criterion={self.adversarial_criterion!r}")
@@ -88,8 +111,26 @@ class AutoencoderTrainingConfig:
         if self.perceptual_weight > 0 and not (self.perceptual_network and self.perceptual_sha256):
             raise ConfigError(f"perceptual_weight={self.perceptual_weight} needs perceptual_network (a local "
                               f"TorchScript file) and its perceptual_sha256; medsynth never downloads weights")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"expects two betas in [0, 1), but got betas={self.betas}")
+        for name in ("betas", "betas_discriminator"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or not all(0 <= b < 1 for b in value)):
+                raise ConfigError(f"expects two {name} in [0, 1), but got {name}={value}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"expects lr_schedule in {LR_SCHEDULES}, but got lr_schedule={self.lr_schedule!r}")
+        if int(self.lr_warmup_steps) < 0:
+            raise ConfigError(f"expects lr_warmup_steps >= 0, but got lr_warmup_steps={self.lr_warmup_steps}")
+        if not 0.0 <= float(self.lr_min_ratio) <= 1.0:
+            raise ConfigError(f"expects 0 <= lr_min_ratio <= 1, but got lr_min_ratio={self.lr_min_ratio}")
+
+    def lr_factor(self, step: int, generator: bool = True, time_fraction: float = 0.0) -> float:
+        """Multiplier of the base learning rate at generator step ``step`` (warm-up, then the
+        schedule; the discriminator only warms up). ``time_fraction``: share of a time budget
+        already used (0 without one)."""
+        factor = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps > 0 else 1.0
+        if generator and self.lr_schedule == "cosine":
+            progress = min(max(step / max(self.max_steps, 1), time_fraction, 0.0), 1.0)
+            factor *= self.lr_min_ratio + (1 - self.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return factor
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -146,8 +187,28 @@ class AutoencoderModule(L.LightningModule):
     def configure_optimizers(self):
         opt_g = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.lr_discriminator,
-                                 betas=self.cfg.betas)
+                                 betas=self.cfg.betas_discriminator or self.cfg.betas)
         return [opt_g, opt_d]
+
+    def _time_fraction(self) -> float:
+        """Share of the trainer's time budget (``max_time``) used so far; 0 without one."""
+        if self._trainer is None:
+            return 0.0
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, Timer):
+                elapsed, remaining = cb.time_elapsed("train"), cb.time_remaining("train")
+                if remaining is None:
+                    return 0.0
+                return elapsed / max(elapsed + remaining, 1e-9)
+        return 0.0
+
+    def _set_learning_rates(self, opt_g, opt_d, step: int) -> None:
+        # Set from the step counter (a checkpointed buffer) and the trainer's timer (also
+        # checkpointed), so a resumed run continues the schedule.
+        time_fraction = self._time_fraction() if self.cfg.lr_schedule == "cosine" else 0.0
+        for opt, base, gen in ((opt_g, self.cfg.lr, True), (opt_d, self.cfg.lr_discriminator, False)):
+            for group in opt.param_groups:
+                group["lr"] = base * self.cfg.lr_factor(step, generator=gen, time_fraction=time_fraction)
 
     def _clip(self, optimizer) -> None:
         if self.cfg.gradient_clip > 0:
@@ -159,6 +220,7 @@ class AutoencoderModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         step = int(self.generator_step)
         adversarial = step >= self.cfg.adversarial_start_step and self.cfg.adversarial_weight > 0
+        self._set_learning_rates(opt_g, opt_d, step)
 
         # -- generator --------------------------------------------------------------------------
         recon, q = self.model(x)
@@ -201,8 +263,12 @@ class AutoencoderModule(L.LightningModule):
         self.log_dict({"train/loss": loss_g.detach(), "train/l1": rec["l1"], "train/ssim_loss": rec["ssim"],
                        "train/commitment": q.loss, "train/adv_weight": weight,
                        "codebook/perplexity": q.perplexity, "codebook/dead_fraction": q.dead_fraction,
-                       "train/psnr": psnr(recon.detach(), x)},
+                       "train/psnr": psnr(recon.detach(), x), "train/lr": torch.tensor(opt_g.param_groups[0]["lr"])},
                       prog_bar=False, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        if q.perplexities is not None and q.perplexities.numel() > 1:
+            # codebook/perplexity is the mean over codebooks; each one is logged too
+            self.log_dict({f"codebook/perplexity_{g}": p for g, p in enumerate(q.perplexities)},
+                          on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("train/generator_step", self.generator_step.float(), prog_bar=True, on_step=True,
                  batch_size=x.shape[0])
         return loss_g.detach()

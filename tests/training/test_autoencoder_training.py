@@ -133,3 +133,29 @@ def test_eval_ssim_matches_monai_and_metrics_per_class():
     assert m["per_class"]["background"]["mae"] == pytest.approx(0.0, abs=1e-6)
     assert m["mae"] == pytest.approx(50.0, rel=1e-4)
     assert m["per_class"]["liver"]["psnr"] == pytest.approx(10 * np.log10(1 / 0.05 ** 2), rel=1e-4)
+
+
+def test_training_config_betas_and_lr_schedule():
+    from medsynth.errors import ConfigError
+    from medsynth.training.autoencoder import AutoencoderTrainingConfig
+
+    old = AutoencoderTrainingConfig.from_dict({"betas": [0.5, 0.9]})
+    assert old.betas_discriminator is None and old.lr_factor(0) == 1.0 and old.lr_factor(10 ** 6) == 1.0
+    module = AutoencoderModule(MODEL, DISC, dict(betas=(0.9, 0.99), betas_discriminator=(0.5, 0.9)))
+    opt_g, opt_d = module.configure_optimizers()
+    assert opt_g.defaults["betas"] == (0.9, 0.99) and opt_d.defaults["betas"] == (0.5, 0.9)
+    # without betas_discriminator the discriminator uses `betas` (configs written before the field)
+    opt_d_old = AutoencoderModule(MODEL, DISC, dict(betas=(0.9, 0.99))).configure_optimizers()[1]
+    assert opt_d_old.defaults["betas"] == (0.9, 0.99)
+    cfg = AutoencoderTrainingConfig(max_steps=100, lr_warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert cfg.lr_factor(0) == pytest.approx(0.1) and cfg.lr_factor(0, generator=False) == pytest.approx(0.1)
+    assert cfg.lr_factor(50) == pytest.approx(0.55) and cfg.lr_factor(100) == pytest.approx(0.1)
+    assert cfg.lr_factor(100, generator=False) == 1.0
+    # a time budget that is half used halves the cosine progress even at step 10
+    assert cfg.lr_factor(10, time_fraction=0.5) == pytest.approx(0.55)
+    with pytest.raises(ConfigError, match="lr_schedule='linear'"):
+        AutoencoderTrainingConfig(lr_schedule="linear")
+    with pytest.raises(ConfigError, match="betas_discriminator=\\(0.5, 1.0\\)"):
+        AutoencoderTrainingConfig(betas_discriminator=(0.5, 1.0))
+    with pytest.raises(ConfigError, match="lr_warmup_steps=-1"):
+        AutoencoderTrainingConfig(lr_warmup_steps=-1)
