@@ -141,14 +141,21 @@ def main() -> int:
     _, few_s_b1 = _sample(gen, 4, 1, 5, prompts)
     _, long_s_b1 = _sample(gen, 1, 1, 5, prompts, num_inference_steps=1000)
 
+    from medsynth.training.label_generator import encode_labels, read_label_cases, reconstruction_dice
+
+    cases = read_label_cases(work / "data", 8)
+    recon = reconstruction_dice(gen.autoencoder, encode_labels(gen.autoencoder, cases.arrays), cases.arrays, LABELS)
     liver = np.asarray(train["volumes_ml"]["liver"], dtype=float)
     asked = {}
-    for q in (0.1, 0.9):
-        maps, _ = _sample(gen, 16, 8, 2000, prompts, volume_quantiles={"liver": q})
-        vols = _stats(maps)["volumes_ml"]["liver"]
-        asked[f"liver_q{q}"] = {"asked_quantile": q, "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
-                                "generated_median_ml": round(float(np.median(vols)), 1),
-                                "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))), 3)}
+    for guidance in (1.0, 4.0):
+        for q in (0.1, 0.9):
+            maps, _ = _sample(gen, 16, 8, 2000, prompts, volume_quantiles={"liver": q}, guidance_scale=guidance)
+            vols = _stats(maps)["volumes_ml"]["liver"]
+            asked[f"liver_q{q}_guidance{guidance:g}"] = {
+                "asked_quantile": q, "guidance_scale": guidance,
+                "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
+                "generated_median_ml": round(float(np.median(vols)), 1),
+                "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))), 3)}
     lesion_name = "liver_lesion"
     seen = [int(c) for c in train["lesion_counts"].get(lesion_name, [])]
     lesions = {"training_histogram": compare_statistics(train, train)["lesion_counts"][lesion_name]["reference_histogram"]}
@@ -168,7 +175,8 @@ def main() -> int:
                     "note": "2 cores shared with other jobs: timings are noisy upper bounds"},
         "data": {"phantoms": args.num, "size": args.size, "train_cases": train["num_cases"],
                  "val_cases": val["num_cases"], "grid": gen.config["grid"]},
-        "training": {"autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps, "fit_seconds": fit["seconds"]},
+        "training": {"autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps, "fit_seconds": fit["seconds"],
+                     "autoencoder_reconstruction_dice_train": recon},
         "tolerances": {"relative_median_difference": TOLERANCE_MEDIAN, "ks_statistic": TOLERANCE_KS,
                        "classes_with_median_ml_at_least": MIN_CLASS_ML},
         "few_step": {"steps": args.steps, "samples": args.samples, "comparison": few_cmp,
@@ -202,6 +210,9 @@ def render_markdown(r: dict) -> str:
              f"the label generator trains on the {r['data']['train_cases']} train cases only "
              f"({r['training']['autoencoder_steps']} autoencoder + {r['training']['dit_steps']} DiT steps, "
              f"{r['training']['fit_seconds']} s).", "",
+             "Label autoencoder reconstruction Dice on the train maps (the ceiling for what the DiT can "
+             "make): " + ", ".join(f"{k} {v}" for k, v in r["training"]["autoencoder_reconstruction_dice_train"].items())
+             + ".", "",
              f"## Volume distributions ({r['few_step']['samples']} maps, {r['few_step']['steps']} Euler steps, vs train)",
              "", f"Tolerance: relative median difference <= {r['tolerances']['relative_median_difference']} and KS <= "
              f"{r['tolerances']['ks_statistic']}, for classes with a median of at least "
@@ -218,7 +229,8 @@ def render_markdown(r: dict) -> str:
     lines += ["", "\"real val KS\": the val split's real maps against train, i.e. how far two real samples of "
               "this size already are.", "", "## Attributes", ""]
     for key, row in r["attributes"]["liver_size"].items():
-        lines.append(f"- liver size quantile {row['asked_quantile']}: generated median {row['generated_median_ml']} mL "
+        lines.append(f"- liver size quantile {row['asked_quantile']} (guidance {row['guidance_scale']}): generated "
+                     f"median {row['generated_median_ml']} mL "
                      f"(training volume at that quantile {row['training_volume_at_quantile_ml']} mL; the generated "
                      f"median sits at training quantile {row['generated_median_as_training_quantile']})")
     les = r["attributes"]["lesion_count"]
