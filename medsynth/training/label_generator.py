@@ -446,9 +446,11 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     names = attr_cfg.names(data.labels)
     ae_dict["num_classes"] = max(data.labels.values()) + 1
     ae_module = LabelAutoencoderModule(ae_dict, asdict(ae_train))
-    loader = DataLoader(LabelMapDataset(data.arrays), batch_size=ae_train.batch_size, shuffle=True,
-                        drop_last=len(data.arrays) >= ae_train.batch_size)
     trainer = _trainer(out, ae_train.max_steps, accelerator, devices)
+    # Under DDP each rank sees 1 / world_size of the cases: drop a partial last batch only when
+    # every rank still gets a full one.
+    loader = DataLoader(LabelMapDataset(data.arrays), batch_size=ae_train.batch_size, shuffle=True,
+                        drop_last=len(data.arrays) >= ae_train.batch_size * max(1, trainer.world_size))
     trainer.fit(ae_module, loader)
     autoencoder = ae_module.model.cpu().eval().requires_grad_(False)
 
@@ -469,9 +471,9 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
         except ConfigError as err:
             raise ConfigError(f"train case {case_id!r}: {err}; fix its metadata (prompts.jsonl)") from None
     dataset = LabelLatentDataset(latents * scale, data.prompts, data.records, attributes, attr_cfg.drop_rate)
-    loader = DataLoader(dataset, batch_size=dit_train.batch_size, shuffle=True, collate_fn=collate_latents,
-                        drop_last=len(dataset) >= dit_train.batch_size)
     trainer = _trainer(out, dit_train.max_steps, accelerator, devices, dit_train.precision)
+    loader = DataLoader(dataset, batch_size=dit_train.batch_size, shuffle=True, collate_fn=collate_latents,
+                        drop_last=len(dataset) >= dit_train.batch_size * max(1, trainer.world_size))
     trainer.fit(dit_module, loader)
     if not trainer.is_global_zero:
         return out / "export"
