@@ -32,7 +32,7 @@ def cli_parts(tmp_path_factory) -> dict[str, Path]:
     assert main(["labels", "bank", "--data", str(root / "data"), "--out", str(root / "bank")]) == 0
     assert main(["assemble", "--autoencoder", str(ae_dir), "--dit", str(dit_dir), "--cache", str(cache),
                  "--controlnet", str(root / "cn" / "export"), "--bank", str(root / "bank"),
-                 "--out", str(root / "pipeline")]) == 0
+                 "--segmenter-steps", "3", "--out", str(root / "pipeline")]) == 0
     assert main(["assemble", "--autoencoder", str(ae_dir), "--dit", str(dit_dir), "--cache", str(cache),
                  "--out", str(root / "plain")]) == 0
     mask = read_volume(read_dataset(root / "data").cases_for("train")[0].label, kind="label")

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentations", type=Path, default=None,
                    help="folder of <case_id>.nii.gz segmentations of the synthetic images for mask fidelity "
                         "(default: the intensity-threshold baseline)")
+    p.add_argument("--segmenter", type=Path, default=None,
+                   help="trained segmenter for mask fidelity: a pipeline folder (its quality gate's SegResNet, "
+                        "from `assemble --segmenter-steps`) or a segmenter export folder")
     p.add_argument("--autoencoder", type=Path, default=None, help="autoencoder export: add reconstruction metrics")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="feature cache (default $MEDSYNTH_CACHE/features or ~/.cache/medsynth/features)")
@@ -74,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         segmentations=args.segmentations, autoencoder=args.autoencoder,
         command="medsynth " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    report = evaluate(config)
+    if args.segmenter is not None and args.segmentations is not None:
+        raise ConfigError("give --segmenter or --segmentations, not both")
+    report = evaluate(config, None if args.segmenter is None else load_segmenter(args.segmenter))
     print(f"report written to {args.out / 'report.html'}")
     for name, block in report["features"].items():
         fid = block.get("fid", {})
@@ -82,3 +87,24 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(value, dict) and "value" in value:
             print(f"  {name}: FID {value['value']:.4g}")
     return 0
+
+
+def load_segmenter(path: Path):
+    """The trained segmenter of a pipeline folder, or a segmenter export folder.
+
+    Raises:
+        InputError: a pipeline without a trained segmenter, or a folder that is neither.
+    """
+    import json
+
+    from medsynth.errors import InputError
+    from medsynth.training.segmentation import load_agreement_segmenter
+
+    record_file = path / "pipeline.json"
+    if record_file.is_file():
+        component = (json.loads(record_file.read_text(encoding="utf-8")).get("components") or {}).get("segmenter")
+        if not component:
+            raise InputError("this pipeline has no trained segmenter; assemble it with --segmenter-steps N (N > 0) "
+                             "or give a segmenter export folder", path)
+        return load_agreement_segmenter(path / component["path"])
+    return load_agreement_segmenter(path)

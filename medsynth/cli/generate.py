@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="label generator export (`medsynth labels fit` OUT/export) for --mask-source generator")
     asm.add_argument("--data", type=Path, default=None,
                      help="dataset folder for the quality ranges (default: the one recorded in the cache)")
+    asm.add_argument("--segmenter-steps", type=int, default=200,
+                     help="with --controlnet: train the quality gate's agreement segmenter (MONAI SegResNet) on "
+                          "the training split for this many steps (default 200; 0 = intensity-threshold baseline)")
     asm.set_defaults(func=run_assemble)
 
     gen = sub.add_parser("generate", help="generate a synthetic dataset folder from a pipeline",
@@ -109,7 +112,7 @@ def run_assemble(args: argparse.Namespace) -> int:
 
     out = assemble_pipeline(args.autoencoder, args.dit, args.cache, args.out, name=args.name,
                             controlnet_dir=args.controlnet, bank_dir=args.bank, data_dir=args.data,
-                            label_generator_dir=args.label_generator)
+                            label_generator_dir=args.label_generator, segmenter_steps=args.segmenter_steps)
     print(f"pipeline written to {out} ({PIPELINE_FILE})")
     return 0
 

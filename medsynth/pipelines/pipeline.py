@@ -157,7 +157,11 @@ class MedSynthPipeline:
                                      else Path(path) / comps["label_generator"]["path"])
         self.quality: dict[str, Any] | None = None
         if path is not None and "quality" in comps:
-            self.quality = json.loads((Path(path) / comps["quality"]["path"] / QUALITY_FILE).read_text("utf-8"))
+            quality_dir = Path(path) / comps["quality"]["path"]
+            self.quality = json.loads((quality_dir / QUALITY_FILE).read_text("utf-8"))
+            segmenter = self.quality.get("segmenter") or {}
+            if segmenter.get("path"):  # the trained agreement segmenter: resolved to where it is now
+                segmenter["path"] = str((quality_dir / segmenter["path"]).resolve())
         control = dict(comps.get("controlnet") or {})
         self.default_mask_guidance = control.get("mask_guidance_scale")
 

@@ -8,9 +8,9 @@ Two checks per generated image and its conditioning mask:
 * **agreement**: a segmenter segments the image and its per-class Dice against the mask must
   reach ``min_dice`` for every *large* class (covering at least ``large_fraction`` of the
   grid; small classes such as lesions are scored and recorded but never fail a sample, since
-  a Dice of a few voxels says little). The segmenter today is the intensity-threshold baseline
-  :class:`~medsynth.evaluation.mask_fidelity.ThresholdSegmenter`, fit on the training split;
-  the trained SegResNet segmenter plugs into the same ``predict(image) -> label`` interface.
+  a Dice of a few voxels says little). ``medsynth assemble`` trains a MONAI SegResNet on the same split (``--segmenter-steps``, default
+  200) and the gate uses it; with ``--segmenter-steps 0`` it uses the intensity-threshold
+  baseline :class:`~medsynth.evaluation.mask_fidelity.ThresholdSegmenter` fit on that split.
 
 A failing sample is regenerated with :func:`derived_seed` ``(seed, attempt)`` up to
 ``max_retries`` times; the caller keeps or skips a sample that never passes.
@@ -76,8 +76,18 @@ def fit_quality_record(cases: Sequence[tuple[np.ndarray, np.ndarray]], labels: M
 
 
 def segmenter_from_record(record: Mapping[str, Any]) -> Segmenter:
-    """The segmenter stored in a ``quality.json`` record (today: the threshold baseline)."""
+    """The segmenter stored in a ``quality.json`` record: the trained SegResNet (kind
+    ``segresnet``, its ``path`` resolved by the pipeline loader) or the threshold baseline."""
     seg = dict(record.get("segmenter") or {})
+    if seg.get("kind") == "segresnet":
+        from pathlib import Path
+
+        from medsynth.training.segmentation import load_agreement_segmenter
+
+        if not seg.get("path") or not Path(seg["path"]).is_absolute():
+            raise InputError(f"the quality record's segmenter path {seg.get('path')!r} is not resolved; load the "
+                             f"pipeline with MedSynthPipeline.from_pretrained")
+        return load_agreement_segmenter(seg["path"])
     if seg.get("kind") != "threshold":
         raise InputError(f"unknown segmenter kind {seg.get('kind')!r} in quality.json; re-run `medsynth assemble`")
     return ThresholdSegmenter(percentiles=tuple(seg.get("percentiles", (5.0, 95.0))),  # type: ignore[arg-type]

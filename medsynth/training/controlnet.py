@@ -353,14 +353,17 @@ def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
                               {"base_dit": str(dit_dir), "base_dit_sha256": dit_export.sha256,
                                "latent_cache": str(cache_dir), "scale_factor": data.scale_factor})
     out = Path(out_dir)
-    loader = DataLoader(data, batch_size=training.batch_size, shuffle=True, collate_fn=collate_masked,
-                        num_workers=num_workers, drop_last=len(data) >= training.batch_size)
     every = max(1, min(1000, training.max_steps // 4))
     trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices,
                         precision=training.precision, default_root_dir=str(out), log_every_n_steps=min(50, every),
                         callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
                                    ExportOnTrainEnd(out / "export")],
                         enable_progress_bar=False, max_epochs=-1)
+    # Under DDP each rank sees len(data) / world_size cases: drop the last partial batch only
+    # when every rank still gets a full one (a small cache would otherwise train on nothing).
+    loader = DataLoader(data, batch_size=training.batch_size, shuffle=True, collate_fn=collate_masked,
+                        num_workers=num_workers,
+                        drop_last=len(data) >= training.batch_size * max(1, trainer.world_size))
     trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
     return out / "export"
 

@@ -46,7 +46,8 @@ def masked(tmp_path_factory):
     cn_dir = build_controlnet(root, ae_dir, dit_dir, cache)
     MaskBank.build(read_dataset(root / "data"), ("train",)).save(root / "bank")
     plain = assemble_pipeline(ae_dir, dit_dir, cache, root / "plain")
-    full = assemble_pipeline(ae_dir, dit_dir, cache, root / "pipeline", controlnet_dir=cn_dir, bank_dir=root / "bank")
+    full = assemble_pipeline(ae_dir, dit_dir, cache, root / "pipeline", controlnet_dir=cn_dir, bank_dir=root / "bank",
+                             segmenter_steps=0)  # the threshold baseline: its behaviour is what is tested here
     return root, plain, full, root / "data"
 
 

@@ -1,0 +1,128 @@
+"""The quality gate's agreement segmenter: a SegResNet trained on real training cases at assemble time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsynth.data.transforms import IntensityMapping
+from medsynth.errors import ConfigError
+from medsynth.pipelines.assemble import assemble_pipeline
+from medsynth.pipelines.pipeline import PIPELINE_FILE, QUALITY_FILE, MedSynthPipeline
+from medsynth.pipelines.quality_gate import QualityGate
+from medsynth.training.segmentation import (TrainedSegmenter, fit_agreement_segmenter, load_agreement_segmenter,
+                                            save_agreement_segmenter)
+from tests.pipelines.test_masked_generation import build_controlnet
+from tests.pipelines.test_pipeline import build_components
+
+
+def _phantom_pairs(num: int = 4, size: int = 16) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    from medsynth.data.phantoms import generate_phantom, phantom_labels
+
+    window = IntensityMapping.ct_window()
+    pairs, labels = [], phantom_labels("ct")
+    for seed in range(num):
+        case = generate_phantom("ct", size=size, seed=seed)
+        pairs.append((np.asarray(window.forward(case.image.array), np.float32), np.asarray(case.label.array, np.int64)))
+    return pairs, labels
+
+
+def test_segmenter_learns_large_organs_and_round_trips(tmp_path) -> None:
+    pairs, labels = _phantom_pairs(num=1)  # one case to overfit: a learning test, not a benchmark
+    window = IntensityMapping.ct_window()
+    untrained = fit_agreement_segmenter(pairs, labels, window, steps=1, patch=16, seed=0, accelerator="cpu")
+    segmenter = fit_agreement_segmenter(pairs, labels, window, steps=50, patch=16, seed=0, accelerator="cpu")
+    image_hu = np.asarray(window.inverse(pairs[0][0]), np.float32)  # the gate sees output units (HU)
+    prediction = segmenter.predict(image_hu)
+    assert prediction.shape == pairs[0][1].shape
+    assert set(np.unique(prediction)) <= set(labels.values())
+
+    def background_dice(labels_predicted: np.ndarray) -> float:
+        truth, found = pairs[0][1] == 0, labels_predicted == 0
+        return float(2 * (truth & found).sum() / max(1, truth.sum() + found.sum()))
+
+    trained_dice, untrained_dice = background_dice(prediction), background_dice(untrained.predict(image_hu))
+    assert trained_dice > 0.8 and trained_dice > untrained_dice + 0.2, (trained_dice, untrained_dice)
+
+    save_agreement_segmenter(tmp_path / "seg", segmenter)
+    loaded = load_agreement_segmenter(tmp_path / "seg")
+    assert isinstance(loaded, TrainedSegmenter) and loaded.labels == labels and loaded.steps == 50
+    np.testing.assert_array_equal(loaded.predict(image_hu), prediction)
+
+
+def test_fit_refuses_no_cases() -> None:
+    with pytest.raises(ConfigError, match="labelled real training cases"):
+        fit_agreement_segmenter([], {"background": 0}, IntensityMapping.ct_window(), steps=1)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("agreement")
+    ae_dir, dit_dir, cache = build_components(root)
+    cn_dir = build_controlnet(root, ae_dir, dit_dir, cache)
+    return assemble_pipeline(ae_dir, dit_dir, cache, root / "pipeline", controlnet_dir=cn_dir, segmenter_steps=5)
+
+
+def test_assemble_stores_the_trained_segmenter_and_the_gate_uses_it(pipeline_dir) -> None:
+    record = json.loads((pipeline_dir / PIPELINE_FILE).read_text())
+    assert record["components"]["segmenter"]["steps"] == 5
+    quality = json.loads((pipeline_dir / QUALITY_FILE).read_text())
+    assert quality["segmenter"]["kind"] == "segresnet" and quality["segmenter"]["path"] == "segmenter"
+    assert quality["baseline_segmenter"]["kind"] == "threshold"  # kept for comparison
+    pipe = MedSynthPipeline.from_pretrained(pipeline_dir)
+    gate = QualityGate.from_record(pipe.quality, pipe.labels)
+    assert isinstance(gate.segmenter, TrainedSegmenter)
+    # The pipeline folder is self-contained: moved elsewhere, it still finds its segmenter.
+    moved = pipeline_dir.parent / "moved"
+    pipeline_dir.rename(moved)
+    try:
+        gate = QualityGate.from_record(MedSynthPipeline.from_pretrained(moved).quality, pipe.labels)
+        assert isinstance(gate.segmenter, TrainedSegmenter)
+    finally:
+        moved.rename(pipeline_dir)
+
+
+def test_a_tampered_segmenter_is_refused(pipeline_dir, tmp_path) -> None:
+    import shutil
+
+    from medsynth.errors import InputError
+
+    copy = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, copy)
+    with open(copy / "segmenter" / "model.safetensors", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(InputError):
+        MedSynthPipeline.from_pretrained(copy)
+
+
+def test_negative_segmenter_steps_are_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--segmenter-steps"):
+        assemble_pipeline(tmp_path, tmp_path, tmp_path, tmp_path / "out", segmenter_steps=-1)
+
+
+def test_evaluate_scores_mask_fidelity_with_the_trained_segmenter(pipeline_dir, tmp_path, capsys) -> None:
+    import shutil
+
+    from medsynth.cli import main
+    from medsynth.cli.evaluate import load_segmenter
+
+    assert isinstance(load_segmenter(pipeline_dir), TrainedSegmenter)
+    assert isinstance(load_segmenter(pipeline_dir / "segmenter"), TrainedSegmenter)
+    data = pipeline_dir.parent / "data"
+    shutil.copytree(data, tmp_path / "synthetic")
+    code = main(["evaluate", "--real", str(data), "--synthetic", str(tmp_path / "synthetic"), "--out",
+                 str(tmp_path / "report"), "--size", "16", "--spacing", "24", "--bootstrap", "10", "--no-cache",
+                 "--segmenter", str(pipeline_dir)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["mask_fidelity"]["segmenter"] == TrainedSegmenter.name
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / PIPELINE_FILE).write_text(json.dumps({"components": {}}))
+    assert main(["evaluate", "--real", str(data), "--synthetic", str(tmp_path / "synthetic"), "--out",
+                 str(tmp_path / "r2"), "--segmenter", str(plain)]) == 2
+    assert "no trained segmenter" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
