@@ -83,6 +83,9 @@ class DemoState:
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     figures: list[tuple[Path, str]] = field(default_factory=list)
+    # Which stage made each output / figure (filled by run_stages), for the report's sections.
+    output_stage: dict[str, str] = field(default_factory=dict)
+    figure_stage: list[str] = field(default_factory=list)
 
 
 Stage = Callable[[DemoSettings, DemoState], str]
@@ -195,32 +198,80 @@ def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
     return "ControlNet trained (base DiT frozen); mask bank built from the training split"
 
 
-def stage_generate(settings: DemoSettings, state: DemoState) -> str:
+def stage_label_generator(settings: DemoSettings, state: DemoState) -> str:
+    run = settings.out / "label_generator"
+    run_command(["labels", "fit", "--config", str(CONFIGS / "labels" / "tiny.yaml"), "--data",
+                 str(state.outputs["prepared dataset"]), "--out", str(run), "--max-steps", _steps(settings, 300, 10),
+                 "--accelerator", "cpu"])
+    state.outputs["label generator"] = run / "export"
+    return "label autoencoder + DiT over its latents trained on the training split's label maps"
+
+
+def _prompt(settings: DemoSettings, diameter: int | None) -> str:
+    if settings.modality == "ct":
+        return "CT abdomen portal venous" + (f", liver lesion {diameter} mm" if diameter else "")
+    return "MR head T1" + (f", tumour {diameter} mm with oedema" if diameter else "")
+
+
+def stage_assemble(settings: DemoSettings, state: DemoState) -> str:
     pipeline = settings.out / "pipeline"
     run_command(["assemble", "--autoencoder", str(state.outputs["autoencoder"]), "--dit", str(state.outputs["DiT"]),
                  "--cache", str(state.outputs["latent cache"]), "--controlnet", str(state.outputs["ControlNet"]),
-                 "--bank", str(state.outputs["mask bank"]), "--data", str(state.outputs["prepared dataset"]),
+                 "--bank", str(state.outputs["mask bank"]), "--label-generator", str(state.outputs["label generator"]),
+                 "--data", str(state.outputs["prepared dataset"]), "--segmenter-steps", _steps(settings, 150, 5),
                  "--out", str(pipeline)])
-    synthetic = settings.out / "synthetic"
-    lesion = lesion_spec(settings.modality, settings.size)
-    low, high = (float(v) for v in lesion.split(":")[2].rstrip("m").split("-"))
-    diameter = round((low + high) / 2)
-    prompt = (f"CT abdomen portal venous, liver lesion {diameter} mm" if settings.modality == "ct"
-              else f"MR head T1, tumour {diameter} mm with oedema")
-    # Every synthetic case gets the rare lesion: the cohort rebalances the class the real set lacks.
-    run_command(["generate", "--pipeline", str(pipeline), "--prompt", prompt,
-                 "--num", str(settings.num_synthetic), "--out", str(synthetic), "--seed", str(settings.seed),
-                 "--steps", _steps(settings, 20, 5), "--mask-source", "bank", "--lesion", lesion,
-                 "--max-retries", "1", "--keep-failed", "--device", "cpu", "--format", "nifti", *_quiet(settings)])
     state.outputs["pipeline"] = pipeline
-    state.outputs["synthetic dataset"] = synthetic
-    figure = paired_gallery(synthetic, settings.out / "figures" / "synthetic_pairs.png",
-                            title="synthetic images with their conditioning label maps")
-    state.figures.append((figure, "Synthetic image + label pairs (bank masks with inserted lesions)"))
+    # New label maps from the label generator, and images made from them by the ControlNet.
+    from_generator = settings.out / "synthetic_from_label_generator"
+    run_command(["generate", "--pipeline", str(pipeline), "--prompt", _prompt(settings, None),
+                 "--num", "2" if settings.quick else "4", "--out", str(from_generator), "--seed", str(settings.seed),
+                 "--steps", _steps(settings, 20, 5), "--mask-source", "generator", "--max-retries", "0",
+                 "--keep-failed", "--device", "cpu", *_quiet(settings)])
+    state.outputs["generated from new label maps"] = from_generator
+    figure = paired_gallery(from_generator, settings.out / "figures" / "label_generator_pairs.png",
+                            title="label generator: new label maps and the images made from them")
+    state.figures.append((figure, "New label maps from the label generator, with the ControlNet's images"))
     real_figure = paired_gallery(state.outputs["prepared dataset"], settings.out / "figures" / "real_pairs.png",
                                  title="real (phantom) images with labels")
     state.figures.append((real_figure, "Real (phantom) image + label pairs"))
-    return f"{settings.num_synthetic} image+label pairs from bank masks with an inserted {lesion.split(':')[0]}"
+    return ("pipeline assembled (autoencoder, DiT, ControlNet, mask bank, label generator, quality gate with a "
+            "trained SegResNet); image+label pairs from new label maps")
+
+
+def cohort_spec(settings: DemoSettings, state: DemoState) -> dict[str, Any]:
+    """The demo's cohort: half the cases carry the rare lesion the real set rarely has."""
+    lesion = lesion_spec(settings.modality, settings.size)
+    name, _, sizes, host = lesion.split(":")
+    low, high = (float(v) for v in sizes.rstrip("m").split("-"))
+    return {"name": f"demo_{settings.modality}_balanced", "total": settings.num_synthetic,
+            "modality": settings.modality.upper(), "seed": settings.seed,
+            "pipeline": str(state.outputs["pipeline"].resolve()),
+            "data": str(state.outputs["prepared dataset"].resolve()),
+            "classes": {name: {"share": 0.5, "host": host, "count": 1,
+                               "size_bins": [{"range_mm": [low, high], "share": 1.0}]},
+                        "healthy": {"share": 0.5}},
+            "demographics": {"sex": "real", "age": "real"},
+            "masks": {"source": "bank"},
+            "quality": {"gate": True, "max_retries": 1, "keep_failed": True},
+            "sampling": {"steps": int(_steps(settings, 20, 5))}}
+
+
+def stage_cohort(settings: DemoSettings, state: DemoState) -> str:
+    import yaml
+
+    out = settings.out / "cohort"
+    spec = settings.out / "cohort.yaml"
+    spec.write_text(yaml.safe_dump(cohort_spec(settings, state), sort_keys=False), encoding="utf-8")
+    run_command(["cohort", "plan", "--spec", str(spec), "--out", str(out), *_quiet(settings)])
+    run_command(["cohort", "run", "--spec", str(spec), "--out", str(out), "--accelerator", "cpu", *_quiet(settings)])
+    run_command(["cohort", "audit", "--spec", str(spec), "--out", str(out), *_quiet(settings)])
+    state.outputs["cohort spec"] = spec
+    state.outputs["synthetic dataset"] = out
+    state.outputs["cohort audit"] = out / "audit" / "report.md"
+    figure = paired_gallery(out, settings.out / "figures" / "synthetic_pairs.png",
+                            title="balanced synthetic cohort: images with their conditioning label maps")
+    state.figures.append((figure, "Synthetic cohort image + label pairs (bank masks, planned lesions)"))
+    return f"{settings.num_synthetic} image+label pairs, half with the rare lesion (planned, generated, audited)"
 
 
 def stage_evaluate(settings: DemoSettings, state: DemoState) -> str:
@@ -236,6 +287,28 @@ def stage_evaluate(settings: DemoSettings, state: DemoState) -> str:
     return "FID family, diversity, memorisation audit and mask fidelity"
 
 
+def stage_benchmark(settings: DemoSettings, state: DemoState) -> str:
+    out = settings.out / "segmentation_benchmark"
+    run_command(["benchmark", "seg", "--real", str(state.outputs["prepared dataset"]), "--synthetic",
+                 str(state.outputs["synthetic dataset"]), "--out", str(out), "--ratios", "1", "--seeds", "0",
+                 "--steps", _steps(settings, 150, 5), "--patch", "32", "--lr", "0.01", "--accelerator", "cpu",
+                 *_quiet(settings)])
+    state.outputs["segmentation benchmark"] = out / "report.html"
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    lesion = RARE_LESION[settings.modality][0]
+
+    def dice(cond: dict[str, Any], name: str) -> str:
+        value = ((cond["summary"].get(name) or {}).get("dice") or {}).get("value")
+        return "n/a" if value is None else f"{value:.2f}"
+
+    shown = "; ".join(f"{name} {dice(cond, 'mean_foreground')} ({lesion} {dice(cond, lesion)})"
+                      for name, cond in report["conditions"].items())
+    state.metrics["segmentation benchmark"] = {name: {"mean_foreground": dice(cond, "mean_foreground"),
+                                                      lesion: dice(cond, lesion)}
+                                               for name, cond in report["conditions"].items()}
+    return f"SegResNet Dice on the real test split, mean foreground ({lesion}): {shown}"
+
+
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("phantoms", stage_phantoms),
     ("prepare", stage_prepare),
@@ -243,8 +316,11 @@ STAGES: tuple[tuple[str, Stage], ...] = (
     ("encode", stage_encode),
     ("DiT", stage_dit),
     ("ControlNet + mask bank", stage_controlnet),
-    ("assemble + generate", stage_generate),
+    ("label generator", stage_label_generator),
+    ("assemble", stage_assemble),
+    ("cohort", stage_cohort),
     ("evaluate", stage_evaluate),
+    ("segmentation benchmark", stage_benchmark),
 )
 
 
@@ -256,6 +332,9 @@ def run_stages(settings: DemoSettings, stages: tuple[tuple[str, Stage], ...] = S
         print(f"[{index}/{len(stages)}] {name} ...", flush=True)
         start = time.perf_counter()
         summary = stage(settings, state)
+        for what in state.outputs:
+            state.output_stage.setdefault(what, name)
+        state.figure_stage += [name] * (len(state.figures) - len(state.figure_stage))
         state.timings[name] = time.perf_counter() - start
         state.notes.append(f"{name}: {summary}")
         print(f"[{index}/{len(stages)}] {name}: {summary} ({state.timings[name]:.1f} s)", flush=True)
@@ -281,9 +360,9 @@ def run(args: argparse.Namespace) -> int:
     report = write_demo_report(settings.out, report_sections(settings, state), record)
     print(f"\ndemo finished in {total:.1f} s. What it made:")
     for what, path in state.outputs.items():
-        print(f"  {what:<22} {path}")
-    print(f"  {'summary':<22} {settings.out / 'demo_summary.json'}")
-    print(f"  {'report (open this)':<22} {report}")
+        print(f"  {what:<30} {path}")
+    print(f"  {'summary':<30} {settings.out / 'demo_summary.json'}")
+    print(f"  {'report (open this)':<30} {report}")
     return 0
 
 
@@ -297,15 +376,18 @@ def report_sections(settings: DemoSettings, state: DemoState) -> list[ReportSect
     by_title = {s.title.split(" (")[0]: s for s in sections}
     for what, path in state.outputs.items():
         target = path / "report.html" if (path / "report.html").is_file() else path
-        section = next((s for name, s in by_title.items() if name.lower() in what.lower()), None)
-        (section or sections[-1]).links.append((rel(target), f"{what}: {rel(target)}"))
+        section = by_title.get(state.output_stage.get(what, ""), sections[-1])
+        section.links.append((rel(target), f"{what}: {rel(target)}"))
     autoencoder_figures = sorted((settings.out / "autoencoder" / "figures").glob("*.png"))
     if autoencoder_figures and "autoencoder" in by_title:
         by_title["autoencoder"].figures.append((rel(autoencoder_figures[-1]),
                                                 "Autoencoder: input vs reconstruction (last validation figure)"))
-    generate = by_title.get("assemble + generate")
-    for path, caption in state.figures:
-        (generate or sections[-1]).figures.append((rel(path), caption))
+    for (path, caption), stage in zip(state.figures, state.figure_stage):
+        by_title.get(stage, sections[-1]).figures.append((rel(path), caption))
+    for folder, stage in (("cohort/audit", "cohort"), ("segmentation_benchmark/figures", "segmentation benchmark")):
+        if stage in by_title:
+            for png in sorted((settings.out / folder).glob("*.png")):
+                by_title[stage].figures.append((rel(png), f"{stage}: {png.stem.replace('_', ' ')}"))
     evaluation = settings.out / "evaluation" / "figures"
     if "evaluate" in by_title and evaluation.is_dir():
         for png in sorted(evaluation.glob("*.png")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,8 @@ def cohort_parts(tmp_path_factory) -> tuple[Path, Path, Path]:
     ae_dir, dit_dir, cache = build_components(root)
     cn_dir = build_controlnet(root, ae_dir, dit_dir, cache)
     MaskBank.build(read_dataset(root / "data"), ("train",)).save(root / "bank")
-    fast = {"segmenter_steps": 0} if "segmenter_steps" in inspect.signature(assemble_pipeline).parameters else {}
     pipeline = assemble_pipeline(ae_dir, dit_dir, cache, root / "pipeline", controlnet_dir=cn_dir,
-                                 bank_dir=root / "bank", **fast)
+                                 bank_dir=root / "bank", segmenter_steps=0)
     return pipeline, root / "data", root
 
 
