@@ -71,6 +71,9 @@ class LabelAETrainingConfig:
             present class equally, so small organs are not drowned by the body and background.
         latent_noise: std of the Gaussian noise added to latents before decoding, relative to the
             batch's latent std: the decoder learns to absorb the DiT's sampling errors.
+        class_weighting: "none", or "sqrt_inverse": cross-entropy weights ``sqrt(total / count)``
+            per class in the batch, for classes of a few voxels (lesions) that plain
+            cross-entropy + Dice can leave out.
         seed: global seed.
     """
 
@@ -79,9 +82,13 @@ class LabelAETrainingConfig:
     lr: float = 2e-3
     dice_weight: float = 1.0
     latent_noise: float = 0.1
+    class_weighting: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.class_weighting not in ("none", "sqrt_inverse"):
+            raise ConfigError(f"unknown class_weighting {self.class_weighting!r}; valid values are "
+                              f"['none', 'sqrt_inverse']")
         if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"expects max_steps, batch_size >= 1 and lr > 0, but got max_steps={self.max_steps}, "
                               f"batch_size={self.batch_size}, lr={self.lr}")
@@ -319,7 +326,12 @@ class LabelAutoencoderModule(L.LightningModule):
         if self.cfg.latent_noise > 0:
             latent = latent + self.cfg.latent_noise * latent.detach().std() * torch.randn_like(latent)
         logits = self.model.decode(latent)
-        ce = F.cross_entropy(logits.float(), label)
+        weight = None
+        if self.cfg.class_weighting == "sqrt_inverse":
+            counts = onehot.sum(dim=(0, 2, 3, 4)).float()  # (K,)
+            weight = torch.where(counts > 0, (counts.sum() / counts.clamp(min=1)).sqrt(), torch.zeros_like(counts))
+            weight = weight / weight[counts > 0].mean()
+        ce = F.cross_entropy(logits.float(), label, weight=weight)
         dice = soft_dice_loss(logits, onehot)
         loss = ce + self.cfg.dice_weight * dice
         self.log_dict({"ae/loss": loss, "ae/ce": ce, "ae/dice_loss": dice}, prog_bar=True, batch_size=label.shape[0])

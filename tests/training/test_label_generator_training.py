@@ -62,6 +62,7 @@ def test_config_files_parse(name):
     (lambda c: c["autoencoder"].update(chanels=[8]), "unknown key(s) ['chanels']"),
     (lambda c: c["dit"].update(in_channels=4), "dit.in_channels is set from the label autoencoder"),
     (lambda c: c["attributes"].update(drop_rate=2), "drop_rate"),
+    (lambda c: c["autoencoder_training"].update(class_weighting="x"), "unknown class_weighting 'x'"),
     (lambda c: c["sampling"].update(sampler="ddpm"), "does not fit objective"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, edit, fragment):
@@ -86,6 +87,26 @@ def test_reads_the_train_split_only(data):
     assert len(cases.statistics["volumes_ml"]["liver"]) == len(cases.case_ids)
     values = cases.attribute_values(("volume:liver", "lesions:liver_lesion"))
     assert all(0 <= v["volume:liver"] <= 1 for v in values)
+
+
+def test_class_weighted_autoencoder_loss_is_finite_and_trains(data):
+    from medsynth.training.label_generator import LabelAutoencoderModule, read_label_cases
+
+    cases = read_label_cases(data.root, 4)
+    module = LabelAutoencoderModule({**SMALL["autoencoder"], "num_classes": 10},
+                                    {"class_weighting": "sqrt_inverse", "lr": 1e-2})
+    batch = {"label": torch.from_numpy(np.stack(cases.arrays[:2]))}
+    opt = module.configure_optimizers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        losses = []
+        for _ in range(5):
+            loss = module.training_step(batch, 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 def test_label_dit_learns_on_label_latents(data):
