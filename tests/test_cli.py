@@ -141,9 +141,14 @@ def test_demo_quick_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, out, _ = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress")
     assert code == 0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert {"phantom dataset", "autoencoder", "synthetic dataset", "evaluation report"} <= set(summary["outputs"])
-    assert read_dataset(tmp_path / "demo" / "synthetic").cases
-    assert (tmp_path / "demo" / "report.html").is_file()
+    assert {"phantom dataset", "autoencoder", "label generator", "pipeline", "synthetic dataset", "cohort audit",
+            "evaluation report", "segmentation benchmark"} <= set(summary["outputs"])
+    cohort = read_dataset(tmp_path / "demo" / "cohort")
+    assert len(cohort.cases) == 4 and all(c.label is not None for c in cohort.cases)
+    assert read_dataset(tmp_path / "demo" / "synthetic_from_label_generator").cases
+    page = (tmp_path / "demo" / "report.html").read_text()
+    for stage in ("label generator", "cohort", "segmentation benchmark"):
+        assert stage in page
     assert "demo finished" in out
 
 
