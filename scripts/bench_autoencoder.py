@@ -2,6 +2,7 @@
 
 Usage (each part appends/overwrites its own key in the JSON):
     python scripts/bench_autoencoder.py target  --size 32 --minutes 10     # fit + eval on CT phantoms
+        [--config CONFIG --key KEY]                                        # another recipe, its own JSON key
     python scripts/bench_autoencoder.py real    --modality ct --minutes 5  # shared real CT / MR crops
     python scripts/bench_autoencoder.py compare --size 32 --steps 150      # ours vs MONAI VQVAE / AutoencoderKL
     python scripts/bench_autoencoder.py tiled   --preset tiny              # peak memory of tiled decode
@@ -56,6 +57,14 @@ def _cli(argv: list[str]) -> None:
         raise SystemExit(f"medsynth {' '.join(argv)} failed with {code}")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (commands in the JSON stay portable)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def _fit_and_eval(data: Path, out: Path, config: Path, minutes: float, max_steps: int,
                   extra: list[str] | None = None) -> dict:
     import torch
@@ -73,6 +82,14 @@ def _fit_and_eval(data: Path, out: Path, config: Path, minutes: float, max_steps
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     ppl = [float(r["codebook/perplexity"]) for r in rows if r.get("codebook/perplexity")]
     dead = [float(r["codebook/dead_fraction"]) for r in rows if r.get("codebook/dead_fraction")]
+    # with num_codebooks > 1, codebook/perplexity is the mean over codebooks; each is logged too
+    groups = sorted({k for r in rows for k in r if k.startswith("codebook/perplexity_")},
+                    key=lambda k: int(k.rsplit("_", 1)[1]))
+    per_codebook = []
+    for k in groups:
+        vals = [float(r[k]) for r in rows if r.get(k)]
+        per_codebook.append(round(sum(vals[-10:]) / len(vals[-10:]), 1) if vals else None)
+    model_cfg = json.loads((out / "model" / "config.json").read_text())["config"]
     return {"steps": summary["steps"], "fit_seconds": round(fit_s, 1),
             "seconds_per_step": round(summary["seconds"] / max(summary["steps"], 1), 3),
             "heldout_split": metrics["split"], "heldout_cases": metrics["num_cases"],
@@ -81,9 +98,14 @@ def _fit_and_eval(data: Path, out: Path, config: Path, minutes: float, max_steps
             "perplexity_last": round(ppl[-1], 1) if ppl else None,
             "perplexity_mean_last_10_logs": round(sum(ppl[-10:]) / len(ppl[-10:]), 1) if ppl else None,
             "dead_fraction_last": dead[-1] if dead else None,
+            "num_codebooks": int(model_cfg.get("num_codebooks", 1)),
+            "codes_per_codebook": int(model_cfg["num_embeddings"]),
+            "perplexity_per_codebook_mean_last_10_logs": per_codebook or None,
+            "max_time_is_wall_clock": True,
+            "load_average_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()],
             "per_class_psnr": {k: round(v["psnr"], 2) for k, v in metrics["overall"]["per_class"].items()},
             "torch_threads": torch.get_num_threads(),
-            "command": f"medsynth autoencoder fit --config {config.relative_to(REPO)} --data DATA --out RUN "
+            "command": f"medsynth autoencoder fit --config {_shown(config)} --data DATA --out RUN "
                        f"--max-steps {max_steps} --max-time {minutes} && medsynth autoencoder eval --model RUN/model --data DATA"}
 
 
@@ -96,7 +118,7 @@ def cmd_target(args: argparse.Namespace) -> None:
     res = _fit_and_eval(data, out, REPO / args.config, args.minutes, args.max_steps)
     res.update(dataset=f"CT phantoms {args.size}^3, {args.num} cases (70/15/15 split), seed 0",
                budget_minutes=args.minutes, config=args.config)
-    _save(f"target_ct_phantoms_{args.size}", res)
+    _save(args.key or f"target_ct_phantoms_{args.size}", res)
 
 
 def _real_dataset(modality: str, out: Path, crop: int, max_per_scan: int = 24) -> Path:
@@ -348,6 +370,7 @@ def main() -> None:
     t.add_argument("--minutes", type=float, default=10.0)
     t.add_argument("--max-steps", type=int, default=100000)
     t.add_argument("--config", default="configs/autoencoder/tiny.yaml")
+    t.add_argument("--key", default=None, help="JSON key (default target_ct_phantoms_SIZE)")
     t.set_defaults(func=cmd_target)
     r = sub.add_parser("real")
     r.add_argument("--modality", choices=("ct", "mr"), default="ct")
