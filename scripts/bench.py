@@ -193,6 +193,8 @@ def _sync(device: torch.device) -> None:
 
 
 SLOW_CALL_S = 2.0  # a cold call slower than this is warm-up enough: time one more call only
+TIMING_METHOD = (f"perf_counter wall time, CUDA synchronised; median of repeats after warm-up; a call whose cold "
+                 f"run takes > {SLOW_CALL_S:g} s is timed once more only; peak memory from the cold call")
 
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
@@ -1064,7 +1066,7 @@ def save(out_dir: Path, device: torch.device, key: str, value: dict[str, Any], s
         data = {}  # never mix quick and full numbers in one file
     data.update(device=device.type, scale=scale.name, scale_settings=asdict(scale), machine=machine_info(device),
                 memory_method=PeakMemory.method(device),
-                timing_method="median of repeats after warm-up; CUDA synchronised; perf_counter wall time")
+                timing_method=TIMING_METHOD)
     data[key] = value
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     write_markdown(data, path.with_suffix(".md"))
