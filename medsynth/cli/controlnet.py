@@ -51,7 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    import torch
 
     from medsynth.io.atomic import write_text_atomic
 
@@ -62,16 +61,9 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dit folder {args.dit} does not exist; give `medsynth dit fit` OUT/export")
     if not args.cache.is_dir():
         raise ConfigError(f"--cache folder {args.cache} does not exist; make one with `medsynth encode`")
-    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--accelerator {args.accelerator} is not available: torch sees no CUDA GPU; "
-                          f"use --accelerator cpu")
-    try:
-        devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
-    except ValueError:
-        raise ConfigError(f"--devices must be a positive integer or 'auto', got {args.devices!r}") from None
-    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and devices == "auto":
-        devices = 1
+    from medsynth.cli.devices import training_devices
+
+    devices = training_devices(args.accelerator, args.devices)
 
     from medsynth.training.controlnet import fit_controlnet
 

@@ -72,7 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    import torch
     import yaml
 
     from medsynth.io.atomic import write_text_atomic
@@ -84,22 +83,12 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.resume is not None and not args.resume.is_file():
         raise ConfigError(f"--resume checkpoint {args.resume} does not exist")
-    try:
-        devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
-    except ValueError:
-        raise ConfigError(f"--devices must be a positive integer or 'auto', got {args.devices!r}") from None
-    if isinstance(devices, int) and devices < 1:
-        raise ConfigError(f"--devices must be >= 1, got {devices}")
-    gpu = args.accelerator in ("gpu", "cuda")
-    if gpu and not torch.cuda.is_available():
-        raise ConfigError(f"--accelerator {args.accelerator} is not available: torch sees no CUDA GPU; "
-                          f"use --accelerator cpu")
-    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and devices == "auto":
-        devices = 1
+    from medsynth.cli.devices import runs_on_cpu, training_devices
+
+    devices = training_devices(args.accelerator, args.devices)
     training = dict(config.get("training") or {})
     if args.precision is not None:
-        if args.precision == "16-mixed" and on_cpu:
+        if args.precision == "16-mixed" and runs_on_cpu(args.accelerator):
             raise ConfigError("--precision 16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
         training["precision"] = args.precision
     if args.max_steps is not None:

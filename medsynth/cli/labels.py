@@ -67,7 +67,6 @@ def run_bank(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    import torch
 
     from medsynth.io.atomic import write_text_atomic
 
@@ -76,16 +75,9 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not args.data.is_dir():
         raise ConfigError(f"--data folder {args.data} does not exist; give a prepared dataset folder")
-    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--accelerator {args.accelerator} is not available: torch sees no CUDA GPU; "
-                          f"use --accelerator cpu")
-    try:
-        devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
-    except ValueError:
-        raise ConfigError(f"--devices must be a positive integer or 'auto', got {args.devices!r}") from None
-    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and devices == "auto":
-        devices = 1
+    from medsynth.cli.devices import training_devices
+
+    devices = training_devices(args.accelerator, args.devices)
 
     from medsynth.training.label_generator import fit_label_generator
 
