@@ -144,7 +144,8 @@ def test_bad_inputs(fitted, ct_data, tmp_path):
 
 @pytest.mark.slow
 def test_fit_ddp_two_cpu_processes(ct_data, tmp_path):
-    """DDP without code changes: two gloo processes on CPU; the run finishes and exports."""
+    """DDP without code changes: two gloo processes on CPU; the run finishes and exports. With
+    grouped codebooks and a time-budgeted cosine lr (rank 0's clock is broadcast)."""
     import subprocess
     import sys
 
@@ -153,10 +154,12 @@ def test_fit_ddp_two_cpu_processes(ct_data, tmp_path):
                       "p = argparse.ArgumentParser(); autoencoder.register(p.add_subparsers(dest='c'))\n"
                       "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
+    config = {**TINY, "model": {**TINY["model"], "num_codebooks": 2},
+              "training": {**TINY["training"], "lr_schedule": "cosine", "lr_warmup_steps": 2}}
+    cfg.write_text(yaml.safe_dump(config))
     proc = subprocess.run([sys.executable, str(runner), "autoencoder", "fit", "--config", str(cfg), "--data",
                            str(ct_data), "--out", str(tmp_path / "ddp"), "--devices", "2", "--accelerator", "cpu",
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+                           "--max-time", "30", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "fit_summary.json").read_text())["steps"] == 4
     load_autoencoder(tmp_path / "ddp" / "model")

@@ -199,7 +199,12 @@ class AutoencoderModule(L.LightningModule):
                 elapsed, remaining = cb.time_elapsed("train"), cb.time_remaining("train")
                 if remaining is None:
                     return 0.0
-                return elapsed / max(elapsed + remaining, 1e-9)
+                fraction = elapsed / max(elapsed + remaining, 1e-9)
+                # Each rank's clock differs a little; under DDP every replica must use the same
+                # lr or the replicas drift apart, so rank 0's value is used everywhere.
+                if self.trainer.world_size > 1:
+                    fraction = float(self.trainer.strategy.broadcast(fraction, src=0))
+                return fraction
         return 0.0
 
     def _set_learning_rates(self, opt_g, opt_d, step: int) -> None:
