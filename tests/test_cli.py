@@ -180,6 +180,21 @@ def test_demo_command_lines_can_be_pasted_into_a_shell(capsys: pytest.CaptureFix
     assert shlex.split(line.strip()[2:])[-2] == str(out)  # the path with a space stays one argument
 
 
+def test_lightning_console_handler_shows_warnings_only() -> None:
+    """Lightning adds a console handler at INFO when imported; after the CLI's set-up it prints
+    warnings, not the device banner (run in a fresh interpreter: import order matters)."""
+    script = ("import logging\n"
+              "from medsynth.cli import _quiet_library_chatter\n"
+              "logging.basicConfig(level=logging.WARNING)\n"
+              "_quiet_library_chatter()\n"
+              "import lightning.pytorch\n"
+              "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('BANNER-LINE')\n"
+              "logging.getLogger('lightning.pytorch').warning('A-WARNING')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "BANNER-LINE" not in result.stderr and "A-WARNING" in result.stderr
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 

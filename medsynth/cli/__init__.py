@@ -93,9 +93,17 @@ _LIBRARY_WARNINGS: tuple[str, ...] = (
 )
 
 
+class _WarningHandlersLogger(logging.Logger):
+    """A logger whose handlers print warnings and errors only (for Lightning's own console handler)."""
+
+    def addHandler(self, handler: logging.Handler) -> None:  # noqa: N802 - logging's name
+        handler.setLevel(max(handler.level, logging.WARNING))
+        super().addHandler(handler)
+
+
 def _drop_lightning_info(record: logging.LogRecord) -> bool:
-    """Logging filter: False for Lightning's records below WARNING."""
-    return not (record.name.startswith(("lightning", "pytorch_lightning")) and record.levelno < logging.WARNING)
+    """Root-handler filter: False for Lightning's records below WARNING (its own handler prints the rest)."""
+    return not (record.name.startswith("lightning") and record.levelno < logging.WARNING)
 
 
 def _quiet_library_chatter() -> None:
@@ -110,6 +118,18 @@ def _quiet_library_chatter() -> None:
     # would be undone: a filter on the root handlers drops its info lines instead.
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_lightning_info)
+    # ... and the `lightning` package adds a console handler of its own at INFO when it is
+    # imported (lazily, by the training commands): whatever it adds is raised to WARNING.
+    existing = logging.Logger.manager.loggerDict.get("lightning")
+    if isinstance(existing, logging.Logger):
+        for handler in existing.handlers:
+            handler.setLevel(max(handler.level, logging.WARNING))
+    else:
+        logging.setLoggerClass(_WarningHandlersLogger)
+        try:
+            logging.getLogger("lightning")
+        finally:
+            logging.setLoggerClass(logging.Logger)
     for pattern in _LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
 
