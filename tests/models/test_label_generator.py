@@ -16,13 +16,8 @@ DIT = {"in_channels": 4, "patch_size": [1, 1, 1], "hidden_size": 32, "depth": 1,
 META = {"modality": "CT", "region": "abdomen", "spacing": [2.0, 2.0, 2.0]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small 3D convolutions run faster on one thread, and far faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small 3D convolutions run faster on one thread, and far faster on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _phantom_labels(n: int = 16) -> torch.Tensor:
