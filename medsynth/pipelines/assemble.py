@@ -142,7 +142,7 @@ def _check_label_generator(directory: Path, header: dict[str, Any]) -> dict[str,
     return dict(export.config)
 
 
-def _training_pairs(data_dir: str | Path, splits: Sequence[str]) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]]:
+def training_pairs(data_dir: str | Path, splits: Sequence[str]) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]]:
     """``(dataset, [(image in the model range [-1, 1], label)])`` of the labelled cases in ``splits``."""
     from medsynth.data.manifest import read_dataset
     from medsynth.data.patches import load_case
@@ -165,7 +165,7 @@ def fit_quality(data_dir: str | Path, intensity: dict[str, Any], unit: str,
     from medsynth.data.transforms import IntensityMapping
     from medsynth.pipelines.quality_gate import fit_quality_record
 
-    dataset, pairs = _training_pairs(data_dir, splits)
+    dataset, pairs = training_pairs(data_dir, splits)
     output = IntensityMapping.from_dict(intensity)
     cases = [(np.asarray(output.inverse(image), dtype=np.float32), label) for image, label in pairs]
     return fit_quality_record(cases, dataset.labels, unit, splits)
@@ -180,7 +180,7 @@ def fit_segmenter(data_dir: str | Path, intensity: dict[str, Any], steps: int, o
     from medsynth.data.transforms import IntensityMapping
     from medsynth.training.segmentation import fit_agreement_segmenter, save_agreement_segmenter
 
-    dataset, pairs = _training_pairs(data_dir, splits)
+    dataset, pairs = training_pairs(data_dir, splits)
     smallest = min(min(image.shape) for image, _ in pairs)
     patch = int(max(16, min(64, smallest // 8 * 8)))  # whole small volumes, 64^3 windows on large ones
     labels = {k: int(v) for k, v in dataset.labels.items() if k != "ignore"}
@@ -379,4 +379,4 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
     return out
 
 
-__all__ = ["assemble_pipeline", "training_defaults", "output_intensity", "fit_quality"]
+__all__ = ["assemble_pipeline", "training_defaults", "output_intensity", "fit_quality", "fit_segmenter", "training_pairs"]
