@@ -4,8 +4,9 @@ Nothing here downloads. A user passes ``--features NAME=PATH[:SHA256]``:
 
 * if ``SHA256`` is given, the file's hash must equal it;
 * else if :data:`KNOWN_WEIGHTS` has a hash for ``NAME``, the file's hash must equal that;
-* else (hash unknown to medsynth and not given) the file is accepted, its hash is recorded in
-  the report and a warning says it was not verified; pin it with ``:SHA256`` next time.
+* else (hash unknown to medsynth and not given) the file is refused: nothing unverified ever
+  produces a reported number. The error prints the file's sha256 so the user can compare it
+  with the one the weights' publisher states, and pin it.
 
 A mismatch is refused with an error naming the file, both hashes and the fix.
 """
@@ -27,8 +28,8 @@ from medsynth.errors import ConfigError, InputError
 log = logging.getLogger(__name__)
 
 KNOWN_WEIGHTS: dict[str, str | None] = {
-    # Official hashes are not pinned yet (None = unknown): the user must pass NAME=PATH:SHA256,
-    # or the file is accepted with a warning and its hash recorded. Fill these in once verified.
+    # Official hashes are not pinned yet (None = unknown): until they are, the user must pass
+    # NAME=PATH:SHA256 (checked against the publisher's value); an unpinned file is refused.
     "radimagenet_resnet50": None,   # Warvito/radimagenet-models conversion (Keras layout)
     "medicalnet_resnet10": None,    # Tencent MedicalNet resnet_10_23dataset.pth
     "medicalnet_resnet50": None,    # Tencent MedicalNet resnet_50_23dataset.pth
@@ -114,9 +115,9 @@ def verify_weights(spec: WeightsSpec, known: Mapping[str, str | None] = KNOWN_WE
     actual = sha256_file(path)
     expected, source = (spec.sha256, "user") if spec.sha256 else (known.get(spec.name), "known")
     if expected is None:
-        log.warning("weights %s for %s are unverified: medsynth knows no sha256 for them; recorded "
-                    "sha256=%s (pin it with %s=PATH:%s)", path, spec.name, actual, spec.name, actual)
-        return VerifiedWeights(spec.name, path, actual, verified=False, expected_from=None)
+        raise InputError(f"refusing unverified weights for {spec.name!r}: medsynth knows no sha256 for this "
+                         f"extractor and none was pinned; this file's sha256 is {actual}. Compare it with the "
+                         f"value its publisher states, then pass --features {spec.name}=PATH:{actual}", path)
     if actual != expected.lower():
         what = "the sha256 you pinned" if source == "user" else f"the known sha256 of {spec.name}"
         raise InputError(f"wrong weight file for {spec.name!r}: sha256 {actual} does not match {what} "

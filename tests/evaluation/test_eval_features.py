@@ -85,9 +85,13 @@ def test_medicalnet_release_layout_loads_and_reproduces_outputs(tmp_path: Path) 
         assert torch.allclose(extractor.network(x), source(x))
     feats = extractor.extract(np.random.default_rng(0).normal(size=(16, 16, 16)), Protocol(size=(16, 16, 16)))
     assert feats["volume"].shape == (1, 512)
-    # Unpinned and unknown hash: accepted, hash recorded, marked unverified.
-    loose = build_extractor("medicalnet_resnet10", parse_weights_spec(f"medicalnet_resnet10={path}"))
-    assert loose.weights is not None and not loose.weights.verified and loose.record()["weights_sha256"] == sha
+    # Unpinned and unknown to medsynth: refused, and the error gives the hash to check and pin.
+    with pytest.raises(InputError, match=f"refusing unverified weights.*sha256 is {sha}"):
+        build_extractor("medicalnet_resnet10", parse_weights_spec(f"medicalnet_resnet10={path}"))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_wrong_missing_or_mismatched_weights_are_refused(tmp_path: Path) -> None:
@@ -96,7 +100,7 @@ def test_wrong_missing_or_mismatched_weights_are_refused(tmp_path: Path) -> None
     with pytest.raises(InputError, match="wrong weight file.*does not match the sha256 you pinned"):
         build_extractor("medicalnet_resnet10", parse_weights_spec(f"medicalnet_resnet10={path}:{'0' * 64}"))
     with pytest.raises(InputError, match=r"do not fit the medicalnet_resnet50 architecture: \d+ missing keys"):
-        build_extractor("medicalnet_resnet50", parse_weights_spec(f"medicalnet_resnet50={path}"))
+        build_extractor("medicalnet_resnet50", parse_weights_spec(f"medicalnet_resnet50={path}:{_sha(path)}"))
     with pytest.raises(InputError, match="not found.*never downloads"):
         build_extractor("medicalnet_resnet10", parse_weights_spec(f"medicalnet_resnet10={tmp_path / 'nope.pth'}"))
     with pytest.raises(ConfigError, match="needs local weights"):
@@ -108,7 +112,7 @@ def test_wrong_missing_or_mismatched_weights_are_refused(tmp_path: Path) -> None
     model_path = tmp_path / "model.pth"
     torch.save(MedicalNetResNet(10), model_path)  # a whole pickled module, not a state_dict
     with pytest.raises(InputError, match="weights_only=True"):
-        build_extractor("medicalnet_resnet10", parse_weights_spec(f"medicalnet_resnet10={model_path}"))
+        build_extractor("medicalnet_resnet10", parse_weights_spec(f"medicalnet_resnet10={model_path}:{_sha(model_path)}"))
 
 
 def test_radimagenet_keras_layout_loads(tmp_path: Path) -> None:
@@ -118,7 +122,7 @@ def test_radimagenet_keras_layout_loads(tmp_path: Path) -> None:
     source.load_state_dict(state)
     path = tmp_path / "RadImageNet-ResNet50_notop.pth"
     torch.save(state, path)
-    extractor = build_extractor("radimagenet_resnet50", parse_weights_spec(f"radimagenet_resnet50={path}"))
+    extractor = build_extractor("radimagenet_resnet50", parse_weights_spec(f"radimagenet_resnet50={path}:{_sha(path)}"))
     feats = extractor.extract(np.random.default_rng(2).normal(size=(32, 32, 10)), Protocol(size=(32, 32, 10)))
     assert feats["xy"].shape == (4, 2048) and feats["yz"].shape == (13, 2048)
 
