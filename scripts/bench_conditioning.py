@@ -235,9 +235,9 @@ def render(r: dict, figure: Path) -> str:
     t, j, m = r["text"], r["judge_on_real"], r["mask_fidelity"]
     lines = [f"# Conditioning at demo scale: {r['modality'].upper()} phantoms {r['size']}^3 (CPU)", "",
              f"Command: `{r['command']}` on a finished `medsynth demo --modality {r['modality']}` folder. "
-             f"Machine: {r['machine']}. Judge: the pipeline's agreement segmenter "
-             f"(a SegResNet trained {r['segmenter'].get('steps')} steps on the demo's real training split; "
-             "its Dice on real held-out phantoms is the ceiling below). "
+             f"Machine: {r['machine']}. Judge: "
+             f"a SegResNet trained {r['segmenter'].get('steps')} steps on the demo's real training split; "
+             "its Dice on real held-out phantoms is the ceiling below. "
              f"{r['steps']} sampling steps. Tiny models trained for minutes on a CPU: these numbers show "
              "what the demo reaches, not what trained models reach.", "",
              "## Text conditioning (text only, no mask)", "",
