@@ -19,7 +19,7 @@ Pure torch: no Lightning, no file IO, no printing.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medsynth.errors import ConfigError
+from medsynth.models.autoencoder_config import config_from_dict
 
 # Names of the label DiT's attributes (DiTConfig.attributes): "volume:liver" is the case's size
 # quantile of the liver among training cases, "lesions:liver_lesion" its lesion count.
@@ -79,12 +80,7 @@ class LabelAutoencoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "LabelAutoencoderConfig":
         """Inverse of :meth:`to_dict`; unknown keys (typos) raise :class:`ConfigError`."""
-        data = dict(data or {})
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in the label autoencoder config; valid keys are {valid}")
-        return cls(**data)
+        return config_from_dict(cls, dict(data or {}), "autoencoder")
 
 
 class ResBlock3d(nn.Module):
