@@ -187,9 +187,16 @@ def stage_dit(settings: DemoSettings, state: DemoState) -> str:
 
 
 def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
+    import yaml
+
     run = settings.out / "controlnet"
+    # The shipped tiny config weights the CT lesion class; the demo weights its modality's own.
+    config = yaml.safe_load((CONFIGS / "controlnet" / "tiny.yaml").read_text(encoding="utf-8"))
+    config.setdefault("training", {})["region_classes"] = [RARE_LESION[settings.modality][0]]
+    config_file = settings.out / "controlnet_tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     run_command(["controlnet", "fit", "--dit", str(state.outputs["DiT"]), "--cache", str(state.outputs["latent cache"]),
-                 "--config", str(CONFIGS / "controlnet" / "tiny.yaml"), "--out", str(run),
+                 "--config", str(config_file), "--out", str(run),
                  "--max-steps", _steps(settings, 250, 10), "--accelerator", "cpu"])
     bank = settings.out / "mask_bank"
     run_command(["labels", "bank", "--data", str(state.outputs["prepared dataset"]), "--out", str(bank)])
