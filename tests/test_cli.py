@@ -136,9 +136,11 @@ def test_demo_lesion_spec_survives_in_the_label_map() -> None:
         assert spec.min_mm >= 2 * voxel  # lesion insertion refuses < 2 voxels
 
 
-@pytest.mark.slow
-def test_demo_quick_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress")
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+def test_demo_quick_runs_end_to_end(modality: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main job, both modalities, as a smoke run (about a minute each on 2 cores)."""
+    code, out, _ = run_cli(capsys, "demo", "--quick", "--modality", modality, "--out", str(tmp_path / "demo"),
+                           "--no-progress")
     assert code == 0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert {"phantom dataset", "autoencoder", "label generator", "pipeline", "synthetic dataset", "cohort audit",
