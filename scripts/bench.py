@@ -489,15 +489,21 @@ def _train_step_fn(model: nn.Module, objective: Any, x0: Tensor, runner: Runner,
     gen = torch.Generator().manual_seed(runner.seed)
 
     def step() -> float:
-        xt, t, noise = objective.training_inputs(x0, gen)
-        with runner.ctx():
-            loss = objective.loss(model(xt, t), x0, noise, t).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return float(loss.detach())
+        return _optimise_once(model, objective, x0, gen, opt, runner)
     return step
+
+
+def _optimise_once(model: nn.Module, objective: Any, x0: Tensor, gen: torch.Generator,
+                   opt: torch.optim.Optimizer, runner: Runner) -> float:
+    """One denoiser training step on ``x0`` ``(B, C, X, Y, Z)``; returns the loss."""
+    xt, t, noise = objective.training_inputs(x0, gen)
+    with runner.ctx():
+        loss = objective.loss(model(xt, t), x0, noise, t).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
 
 
 def section_stages(runner: Runner) -> dict[str, Any]:
@@ -666,15 +672,7 @@ def section_models(runner: Runner, cache: Path | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         for _ in range(s.train_steps):
             idx = torch.randint(0, len(train), (s.batch,), generator=pick)
-            x0 = train[idx.to(dev)]
-            xt, t, noise = objective.training_inputs(x0, gen)
-            with runner.ctx():
-                loss = objective.loss(model(xt, t), x0, noise, t).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(_optimise_once(model, objective, train[idx.to(dev)], gen, opt, runner))
         _sync(dev)
         row["train_seconds"] = round(time.perf_counter() - t0, 1)
         # the mean over the whole run: steadier than the 3-call median on a shared CPU

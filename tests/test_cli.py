@@ -145,6 +145,8 @@ def test_demo_quick_runs_end_to_end(modality: str, tmp_path: Path, capsys: pytes
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert {"phantom dataset", "autoencoder", "label generator", "pipeline", "synthetic dataset", "cohort audit",
             "evaluation report", "segmentation benchmark"} <= set(summary["outputs"])
+    assert set(summary["metrics"]) == {"autoencoder", "segmentation benchmark"}
+    assert {"real", "synthetic"} <= set(summary["metrics"]["segmentation benchmark"])
     cohort = read_dataset(tmp_path / "demo" / "cohort")
     assert len(cohort.cases) == 4 and all(c.label is not None for c in cohort.cases)
     assert read_dataset(tmp_path / "demo" / "synthetic_from_label_generator").cases

@@ -405,4 +405,4 @@ def report_sections(settings: DemoSettings, state: DemoState) -> list[ReportSect
 def summary_dict(state: DemoState) -> dict[str, Any]:
     """JSON-friendly record of a demo run."""
     return {"outputs": {k: str(v) for k, v in state.outputs.items()},
-            "timings_s": state.timings, "notes": state.notes}
+            "timings_s": state.timings, "notes": state.notes, "metrics": state.metrics}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export, save_export
+from medsynth.models.autoencoder_config import config_from_dict
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.label_generator import LESION_PREFIX, VOLUME_PREFIX, LabelAutoencoder, LabelAutoencoderConfig
 from medsynth.models.text_encoder import TextEncoder, build_text_encoder
@@ -50,15 +51,6 @@ from medsynth.models.text_encoder import TextEncoder, build_text_encoder
 KIND = "label_generator"
 SECTIONS: tuple[str, ...] = ("autoencoder", "autoencoder_training", "dit", "text_encoder", "objective", "sampling",
                              "dit_training", "attributes")
-
-
-def _from_dict(cls: type, data: Mapping[str, Any] | None, section: str) -> Any:
-    data = dict(data or {})
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in section {section!r}; valid keys are {valid}")
-    return cls(**data)
 
 
 @dataclass
@@ -144,14 +136,14 @@ def parse_label_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 
     ae = dict(raw.get("autoencoder") or {})
     LabelAutoencoderConfig.from_dict({**ae, "num_classes": 2})
-    _from_dict(LabelAETrainingConfig, raw.get("autoencoder_training"), "autoencoder_training")
+    config_from_dict(LabelAETrainingConfig, raw.get("autoencoder_training"), "autoencoder_training")
     dit = dict(raw.get("dit") or {})
     for key in ("in_channels", "attributes"):
         if key in dit:
             raise ConfigError(f"dit.{key} is set from the label autoencoder and the dataset; remove it")
     DiTConfig.from_dict(dit)
     DiTTrainingConfig.from_dict(raw.get("dit_training"))
-    _from_dict(AttributeConfig, raw.get("attributes"), "attributes")
+    config_from_dict(AttributeConfig, raw.get("attributes"), "attributes")
     objective = dict(raw.get("objective") or {"name": "rectified_flow"})
     make_objective(objective.get("name", "rectified_flow"), **dict(objective.get("options") or {}))
     sampling = dict(raw.get("sampling") or {})
@@ -314,7 +306,7 @@ class LabelAutoencoderModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = LabelAutoencoder(LabelAutoencoderConfig.from_dict(model))
-        self.cfg: LabelAETrainingConfig = _from_dict(LabelAETrainingConfig, training, "autoencoder_training")
+        self.cfg: LabelAETrainingConfig = config_from_dict(LabelAETrainingConfig, training, "autoencoder_training")
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr)
@@ -440,10 +432,10 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     from medsynth.training.dit import DiTModule, DiTTrainingConfig, collate_latents, text_encoder_config_for
 
     run_config = parse_label_config(run_config)
-    ae_train: LabelAETrainingConfig = _from_dict(LabelAETrainingConfig, run_config.get("autoencoder_training"),
+    ae_train: LabelAETrainingConfig = config_from_dict(LabelAETrainingConfig, run_config.get("autoencoder_training"),
                                                  "autoencoder_training")
     dit_train = DiTTrainingConfig.from_dict(run_config.get("dit_training"))
-    attr_cfg: AttributeConfig = _from_dict(AttributeConfig, run_config.get("attributes"), "attributes")
+    attr_cfg: AttributeConfig = config_from_dict(AttributeConfig, run_config.get("attributes"), "attributes")
     if max_steps is not None:
         ae_train.max_steps = min(ae_train.max_steps, int(max_steps))
         dit_train.max_steps = min(dit_train.max_steps, int(max_steps))
