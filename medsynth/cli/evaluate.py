@@ -95,16 +95,21 @@ def load_segmenter(path: Path):
     Raises:
         InputError: a pipeline without a trained segmenter, or a folder that is neither.
     """
-    import json
-
     from medsynth.errors import InputError
+    from medsynth.io.checkpoint import file_sha256
+    from medsynth.pipelines.pipeline import PIPELINE_FILE, read_pipeline_record
     from medsynth.training.segmentation import load_agreement_segmenter
 
-    record_file = path / "pipeline.json"
-    if record_file.is_file():
-        component = (json.loads(record_file.read_text(encoding="utf-8")).get("components") or {}).get("segmenter")
+    if (path / PIPELINE_FILE).is_file():
+        component = (read_pipeline_record(path).get("components") or {}).get("segmenter")
         if not component:
             raise InputError("this pipeline has no trained segmenter; assemble it with --segmenter-steps N (N > 0) "
                              "or give a segmenter export folder", path)
-        return load_agreement_segmenter(path / component["path"])
+        folder = path / component["path"]
+        for rel, digest in dict(component.get("files") or {}).items():
+            # the judge of mask fidelity must be the one the pipeline recorded
+            if not (folder / rel).is_file() or file_sha256(folder / rel) != digest:
+                raise InputError("the pipeline's segmenter is missing or does not match the sha256 in "
+                                 f"{PIPELINE_FILE}; re-run `medsynth assemble`", folder / rel)
+        return load_agreement_segmenter(folder)
     return load_agreement_segmenter(path)

@@ -44,7 +44,8 @@ from medsynth.cohort.statistics import lesion_values
 from medsynth.data.manifest import Dataset, read_json_object
 from medsynth.errors import ConfigError, InputError, MedsynthError
 from medsynth.io.atomic import write_json_atomic, write_text_atomic
-from medsynth.io.volume import Volume, VolumeMetadata
+from medsynth.io.volume import Volume
+from medsynth.pipelines.case_output import dicom_complete, placeholder_label, write_case_dicom
 
 log = logging.getLogger(__name__)
 COHORT_FILE = "cohort.json"
@@ -277,10 +278,7 @@ class CohortRunner:
         return self.out / STATUS_DIR / f"{case_id}.json"
 
     def dicom_done(self, case_id: str) -> bool:
-        if self.fmt not in ("dicom", "both"):
-            return True
-        series = self.out / "dicom" / case_id
-        return series.is_dir() and (not self.use_masks or (self.out / "dicom" / f"{case_id}_seg.dcm").is_file())
+        return self.fmt not in ("dicom", "both") or dicom_complete(self.out, case_id, labelled=self.use_masks)
 
     def finished(self, case: dict[str, Any], status: dict[str, Any] | None) -> bool:
         """True when nothing is left to do for the case (it is never rewritten then)."""
@@ -291,21 +289,8 @@ class CohortRunner:
         return self.writer.has_case(case["case_id"]) and self.dicom_done(case["case_id"])
 
     def _write_dicom(self, case: dict[str, Any], volume: Volume, label: Volume) -> None:
-        from medsynth.io.dicom_writer import write_dicom_series
-        from medsynth.io.provenance import provenance_record
-
-        case_id = case["case_id"]
-        series = self.out / "dicom" / case_id
-        if not series.is_dir():
-            series = write_dicom_series(volume, series, series_description=f"medsynth {case_id}: {case['prompt']}"[:64],
-                                        series_number=int(case["index"]) + 1,
-                                        provenance=provenance_record(modality=self.pipeline.modality, kind="image",
-                                                                     source=volume.metadata.extra))
-        seg = self.out / "dicom" / f"{case_id}_seg.dcm"
-        if self.use_masks and not seg.is_file():
-            from medsynth.io.seg import write_dicom_seg
-
-            write_dicom_seg(label, series, self.labels, seg, series_description=f"medsynth {case_id} label"[:64])
+        write_case_dicom(self.out, case["case_id"], volume, label if self.use_masks else None, self.labels,
+                         prompt=case["prompt"], series_number=int(case["index"]) + 1, modality=self.pipeline.modality)
 
     def run_case(self, case: dict[str, Any]) -> dict[str, Any]:
         """Make, check and write one case; returns (and stores) its status record."""
@@ -368,8 +353,7 @@ class CohortRunner:
         facts.update(size=list(volume.shape), spacing=[round(float(s), 6) for s in volume.spacing],
                      metadata=volume.metadata.extra["metadata"])
         if label is None:
-            label = Volume(np.full(volume.shape, self.ignore, dtype=np.uint8 if self.ignore < 256 else np.uint16),
-                           volume.affine.copy(), "label", VolumeMetadata(intensity_unit="label", synthetic=True))
+            label = placeholder_label(volume, self.ignore, self.pipeline.modality)
         label.metadata.modality = self.pipeline.modality
         label.metadata.extra = dict(volume.metadata.extra)
         lesion_records = facts.get("lesions", [])

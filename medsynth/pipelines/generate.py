@@ -50,6 +50,7 @@ from medsynth.errors import ConfigError, InputError
 from medsynth.io.atomic import write_text_atomic
 from medsynth.io.provenance import provenance_record
 from medsynth.io.volume import Volume, VolumeMetadata
+from medsynth.pipelines.case_output import dicom_complete, placeholder_label, write_case_dicom
 from medsynth.pipelines.pipeline import MedSynthPipeline
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,6 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
             ``out_dir`` holds a cohort made with other settings or another pipeline.
     """
     from medsynth.data.writer import DatasetWriter
-    from medsynth.io.dicom_writer import write_dicom_series
     from medsynth.pipelines.quality_gate import QualityGate, generate_checked
 
     out = Path(out_dir)
@@ -416,9 +416,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
         if provenance.get(case_id, {}).get("skipped"):
             continue  # failed the quality gate in an earlier run; deterministic, so it would fail again
         has_image = writer.has_case(case_id)
-        series_dir = out / "dicom" / case_id
-        seg_file = out / "dicom" / f"{case_id}_seg.dcm"
-        dicom_done = not dicom or (series_dir.is_dir() and (plan is None or seg_file.is_file()))
+        dicom_done = not dicom or dicom_complete(out, case_id, labelled=plan is not None)
         if has_image and dicom_done and case_id in provenance:
             continue
         facts: dict[str, Any] = {"case_id": case_id, "prompt": prompt, "seed": seed, "num_inference_steps": steps,
@@ -462,27 +460,15 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
             facts.update(size=list(volume.shape), spacing=list(volume.spacing),
                          metadata=volume.metadata.extra["metadata"])
             if label is None:
-                label = Volume(np.full(volume.shape, ignore, dtype=np.uint8 if ignore < 256 else np.uint16),
-                               volume.affine.copy(), "label",
-                               VolumeMetadata(modality=pipeline.modality, intensity_unit="label", synthetic=True))
+                label = placeholder_label(volume, ignore, pipeline.modality)
             label.metadata.modality = pipeline.modality
             label.metadata.extra = dict(volume.metadata.extra)
             if not has_image:
                 writer.add_case(case_id, volume, label, prompt=prompt,
                                 metadata=volume.metadata.extra["metadata"], image_dtype=image_dtype)
             if dicom and not dicom_done:
-                series = series_dir
-                if not series_dir.is_dir():
-                    series = write_dicom_series(volume, series_dir,
-                                                series_description=f"medsynth {case_id}: {prompt}"[:64],
-                                                series_number=index + 1, provenance=provenance_record(
-                                                    modality=pipeline.modality, kind="image",
-                                                    source=volume.metadata.extra))
-                if plan is not None and not seg_file.is_file():
-                    from medsynth.io.seg import write_dicom_seg
-
-                    write_dicom_seg(label, series, labels, seg_file,
-                                    series_description=f"medsynth {case_id} label"[:64])
+                write_case_dicom(out, case_id, volume, label if plan is not None else None, labels, prompt=prompt,
+                                 series_number=index + 1, modality=pipeline.modality)
         if case_id not in provenance:
             # A case finished by a run killed before its provenance line: the line is rebuilt
             # from the (deterministic) settings, without the regeneration's size/metadata facts.

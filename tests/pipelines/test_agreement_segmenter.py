@@ -121,8 +121,19 @@ def test_evaluate_scores_mask_fidelity_with_the_trained_segmenter(pipeline_dir, 
 
     plain = tmp_path / "plain"
     plain.mkdir()
-    (plain / PIPELINE_FILE).write_text(json.dumps({"components": {}}))
+    record = json.loads((pipeline_dir / PIPELINE_FILE).read_text())
+    del record["components"]["segmenter"]
+    (plain / PIPELINE_FILE).write_text(json.dumps(record))
     assert main(["evaluate", "--real", str(data), "--synthetic", str(tmp_path / "synthetic"), "--out",
                  str(tmp_path / "r2"), "--segmenter", str(plain)]) == 2
     assert "no trained segmenter" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(pipeline_dir, tampered)
+    with open(tampered / "segmenter" / "model.safetensors", "ab") as fh:
+        fh.write(b"x")
+    assert main(["evaluate", "--real", str(data), "--synthetic", str(tmp_path / "synthetic"), "--out",
+                 str(tmp_path / "r3"), "--segmenter", str(tampered)]) == 2
+    assert "does not match the sha256" in capsys.readouterr().err
+    assert not (tmp_path / "r3").exists()
