@@ -40,6 +40,7 @@ from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_stat
 from medsynth.models.controlnet import ControlNet3D, ControlNetConfig, one_hot_mask
 from medsynth.models.dit import DiT3D
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder
+from medsynth.training.acceleration import check_compile_options, compile_in_place
 from medsynth.training.callbacks import ExportOnTrainEnd
 
 GENERATIVE_SPLITS = ("train", "val")
@@ -56,6 +57,8 @@ class ControlNetTrainingConfig:
         region_classes: label names whose voxels get ``region_loss_weight`` in the loss.
         region_loss_weight: loss weight inside those classes (1 = no emphasis); at latent
             resolution a class counts where any of its image voxels falls in the latent voxel.
+        compile: ``torch.compile`` the ControlNet in place (GPU; off in every preset).
+        compile_backend, compile_mode: passed to ``torch.compile`` ("inductor", "default").
     """
 
     max_steps: int = 2000
@@ -71,8 +74,12 @@ class ControlNetTrainingConfig:
     precision: str = "32-true"
     gradient_clip: float = 1.0
     seed: int = 0
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
+        check_compile_options(self.compile, self.compile_backend, self.compile_mode)
         self.region_classes = [str(c) for c in self.region_classes]
         for name in ("text_drop_rate", "metadata_drop_rate", "mask_drop_rate"):
             if not 0 <= getattr(self, name) <= 1:
@@ -209,6 +216,8 @@ class ControlNetModule(L.LightningModule):
             "num_blocks": 2, "image_to_latent_factor": 4, **options})
         self.ema = copy.deepcopy(self.controlnet).requires_grad_(False)
         self._text_cache: dict[str, TextEmbedding] = {}
+        if self.cfg.compile:  # after the EMA deepcopy: the EMA copy only runs at export
+            compile_in_place(self.controlnet, self.cfg.compile_backend, self.cfg.compile_mode)
 
     def train(self, mode: bool = True) -> "ControlNetModule":
         # The frozen parts stay in eval mode whatever Lightning asks (matters once they have dropout).

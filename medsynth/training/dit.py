@@ -31,6 +31,7 @@ from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_stat
                                     save_export)
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
+from medsynth.training.acceleration import check_compile_options, compile_in_place
 from medsynth.training.callbacks import ExportOnTrainEnd
 
 GENERATIVE_SPLITS = ("train", "val")  # the held-out "test" split is never trained on
@@ -53,6 +54,8 @@ class DiTTrainingConfig:
         crop: latent crop ``(x, y, z)`` per sample, or None to use whole latents (which then
             must all have one shape to be batched).
         seed: global seed.
+        compile: ``torch.compile`` the trained network in place (GPU; off in every preset).
+        compile_backend, compile_mode: passed to ``torch.compile`` ("inductor", "default").
     """
 
     max_steps: int = 2000
@@ -67,8 +70,12 @@ class DiTTrainingConfig:
     loss_buckets: int = 4
     crop: tuple[int, int, int] | None = None
     seed: int = 0
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
+        check_compile_options(self.compile, self.compile_backend, self.compile_mode)
         if self.crop is not None:
             self.crop = tuple(int(c) for c in self.crop)  # type: ignore[assignment]
             if len(self.crop) != 3 or min(self.crop) < 1:
@@ -217,6 +224,8 @@ class DiTModule(L.LightningModule):
         self.ema_text_encoder = (copy.deepcopy(self.text_encoder).requires_grad_(False)
                                  if self.text_encoder.trainable else None)
         self._frozen_text: dict[str, TextEmbedding] = {}
+        if self.cfg.compile:  # after the EMA deepcopy: the EMA copy only runs at export
+            compile_in_place(self.model, self.cfg.compile_backend, self.cfg.compile_mode)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
