@@ -38,7 +38,7 @@ def cli_parts(tmp_path_factory) -> dict[str, Path]:
     mask = read_volume(read_dataset(root / "data").cases_for("train")[0].label, kind="label")
     write_volume(mask, root / "mask.nii.gz")
     return {"root": root, "pipeline": root / "pipeline", "plain": root / "plain", "mask": root / "mask.nii.gz",
-            "data": root / "data"}
+            "data": root / "data", "dit": dit_dir, "cache": cache}
 
 
 def _generate(p, out, *extra):
@@ -95,3 +95,28 @@ def test_generate_bad_mask_inputs_are_one_line_errors(cli_parts, tmp_path, capsy
     code, _, err = run_cli(capsys, *_generate(plain, tmp_path / "p", "--mask", str(cli_parts["mask"])))
     assert_user_error(code, err, "no ControlNet")
     assert not (tmp_path / "p").exists()
+
+
+def test_controlnet_fit_resumes_from_its_last_checkpoint(cli_parts, tmp_path, monkeypatch):
+    import torch
+
+    from medsynth.training.controlnet import ControlNetModule
+
+    steps = []
+    original = ControlNetModule.training_step
+
+    def counted(self, batch, batch_idx):
+        steps.append(self.global_step)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ControlNetModule, "training_step", counted)
+    last = cli_parts["root"] / "cn" / "checkpoints" / "last.ckpt"  # the fixture's one-step run
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
+    out = tmp_path / "cn"
+    assert main(["controlnet", "fit", "--dit", str(cli_parts["dit"]), "--cache", str(cli_parts["cache"]),
+                 "--config", str(cli_parts["root"] / "cn.yaml"), "--out", str(out), "--max-steps", "3",
+                 "--accelerator", "cpu", "--resume", str(last)]) == 0
+    # Steps 1 and 2 ran (step 0 came from the checkpoint), and the run ends at step 3.
+    assert steps == [1, 2]
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    assert json.loads((out / "export" / "config.json").read_text())["metadata"]["trained_steps"] == 3

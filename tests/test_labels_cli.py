@@ -141,3 +141,56 @@ def test_labels_fit_and_assemble_refusals(parts, tmp_path, capsys):
         code, _, err = run_cli(capsys, *argv)
         assert_user_error(code, err, fragment)
         assert not Path(argv[argv.index("--out") + 1]).exists()
+
+
+@pytest.fixture()
+def step_counts(monkeypatch) -> dict[str, list[int]]:
+    """The global step at each training step of the two labels-fit stages."""
+    from medsynth.training.dit import DiTModule
+    from medsynth.training.label_generator import LabelAutoencoderModule
+
+    counts: dict[str, list[int]] = {"autoencoder": [], "dit": []}
+    for stage, cls in (("autoencoder", LabelAutoencoderModule), ("dit", DiTModule)):
+        def counted(self, batch, batch_idx, _stage=stage, _original=cls.training_step):
+            counts[_stage].append(self.global_step)
+            return _original(self, batch, batch_idx)
+        monkeypatch.setattr(cls, "training_step", counted)
+    return counts
+
+
+def _resume_config(parts, tmp_path, ae_steps: int, dit_steps: int) -> Path:
+    config = yaml.safe_load((parts["root"] / "labels.yaml").read_text())
+    config["autoencoder_training"]["max_steps"] = ae_steps
+    config["dit_training"]["max_steps"] = dit_steps
+    path = tmp_path / "labels.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("stage, ae_steps, dit_steps, ran, trained", [
+    # a DiT checkpoint carries the finished autoencoder: only the DiT continues (20 -> 22)
+    ("dit", 22, 22, {"autoencoder": [], "dit": [20, 21]}, {"autoencoder": 20, "dit": 22}),
+    # an autoencoder checkpoint continues the autoencoder (20 -> 22), then a new DiT trains
+    ("autoencoder", 22, 2, {"autoencoder": [20, 21], "dit": [0, 1]}, {"autoencoder": 22, "dit": 2}),
+])
+def test_labels_fit_resumes_the_stage_of_its_checkpoint(parts, tmp_path, step_counts, stage, ae_steps, dit_steps,
+                                                        ran, trained):
+    last = parts["root"] / "lg" / "checkpoints" / stage / "last.ckpt"  # the fixture's 20-step stages
+    out = tmp_path / "lg"
+    assert main(["labels", "fit", "--data", str(parts["data"]), "--config",
+                 str(_resume_config(parts, tmp_path, ae_steps, dit_steps)), "--out", str(out),
+                 "--accelerator", "cpu", "--resume", str(last)]) == 0
+    assert step_counts == ran
+    assert json.loads((out / "export" / "config.json").read_text())["metadata"]["trained_steps"] == trained
+    checkpoint = torch.load(out / "checkpoints" / "dit" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == trained["dit"]
+    assert checkpoint["medsynth_label_generator"]["autoencoder_steps"] == trained["autoencoder"]
+
+
+def test_labels_fit_refuses_a_checkpoint_of_another_command(parts, tmp_path, capsys):
+    out = tmp_path / "lg"
+    code, _, err = run_cli(capsys, "labels", "fit", "--data", str(parts["data"]), "--config",
+                           str(parts["root"] / "labels.yaml"), "--out", str(out), "--accelerator", "cpu",
+                           "--resume", str(parts["root"] / "cn" / "checkpoints" / "last.ckpt"))
+    assert_user_error(code, err, "is not a `labels fit` checkpoint")
+    assert not out.exists()

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsynth.cli.devices import add_scale_arguments, scale_options
 from medsynth.errors import ConfigError
 from medsynth.io.config_files import read_config_sections
 
-PRECISIONS = ("bf16-mixed", "16-mixed", "32")
 SECTIONS = ("model", "discriminator", "training", "data")
 
 
@@ -77,13 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--max-steps", type=int, default=None, help="generator steps (overrides the config)")
     fit.add_argument("--max-time", type=float, default=None,
                      help="stop after this many minutes of training (the model is still exported)")
-    fit.add_argument("--precision", choices=PRECISIONS, default="32",
-                     help="bf16-mixed (CPU or GPU), 16-mixed (GPU only) or 32 (default)")
-    fit.add_argument("--devices", default="1", help="number of devices (or 'auto'); >1 uses DDP")
-    fit.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, mps (default auto)")
-    fit.add_argument("--strategy", default=None,
-                     help="Lightning strategy (default: DDP with unused-parameter search when devices > 1)")
-    fit.add_argument("--resume", type=str, default=None, help="Lightning checkpoint to resume from (or 'last')")
+    add_scale_arguments(fit, precision_default="32",
+                        precision_help="bf16-mixed (CPU or GPU), 16-mixed (GPU only) or 32 / 32-true (default 32)",
+                        strategy_help="Lightning strategy (default: DDP with unused-parameter search when more "
+                                      "than one process trains)",
+                        resume_help="Lightning checkpoint to resume from (or 'last': OUT/checkpoints/last.ckpt)")
     fit.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit.set_defaults(func=run_fit)
 
@@ -118,7 +116,6 @@ def _tiling_args(p: argparse.ArgumentParser) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     import lightning as L
-    import torch
     import yaml
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -136,14 +133,10 @@ def run_fit(args: argparse.Namespace) -> int:
         train.max_steps = args.max_steps
     if args.max_time is not None and args.max_time <= 0:
         raise ConfigError(f"--max-time must be > 0 minutes, got {args.max_time}")
-    devices: int | str = args.devices if args.devices == "auto" else int(args.devices)
-    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
-    if args.precision == "16-mixed" and on_cpu:
-        raise ConfigError("--precision 16-mixed needs a GPU; on CPU use bf16-mixed or 32")
-    strategy = args.strategy or ("ddp_find_unused_parameters_true"
-                                 if devices == "auto" or (isinstance(devices, int) and devices > 1) else "auto")
-    if devices == "auto" and on_cpu:
-        devices, strategy = 1, args.strategy or "auto"
+    scale = scale_options(args, resume_keywords=("last",))
+    # The discriminator is idle during warm-up (and G/D alternate), so plain DDP would stop on
+    # parameters without gradients: any multi-process run searches for unused parameters.
+    strategy = scale.strategy or ("ddp_find_unused_parameters_true" if scale.multi_process else "auto")
     L.seed_everything(train.seed, workers=True, verbose=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +154,8 @@ def run_fit(args: argparse.Namespace) -> int:
                            save_last=True, save_top_k=1)
     has_val = bool(dm.val_cases)
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=devices, strategy=strategy, precision=args.precision,
+        accelerator=scale.accelerator, devices=scale.devices, num_nodes=scale.num_nodes, strategy=strategy,
+        precision=scale.precision,
         # Lightning counts optimizer steps (G and D); the module stops after train.max_steps
         # generator steps, this is only a safety net.
         max_steps=2 * train.max_steps + 2, max_epochs=-1,
@@ -174,7 +168,7 @@ def run_fit(args: argparse.Namespace) -> int:
         log_every_n_steps=10, enable_progress_bar=not args.no_progress, enable_model_summary=False,
         default_root_dir=out)
     start = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=args.resume)
+    trainer.fit(module, datamodule=dm, ckpt_path=scale.resume)
     trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsynth.cli.devices import add_scale_arguments, scale_options
 from medsynth.errors import ConfigError
 from medsynth.io.config_files import read_config_sections
 
@@ -44,14 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--config", required=True, type=Path, help="YAML config (configs/controlnet/*.yaml)")
     fit.add_argument("--out", required=True, type=Path, help="run folder: checkpoints/, export/ (the model)")
     fit.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides the config)")
-    fit.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
-                     help="default auto")
-    fit.add_argument("--devices", default="1", help="number of devices (or 'auto')")
+    add_scale_arguments(fit, precision_help="overrides training.precision (bf16-mixed on GPUs that support it)")
     fit.set_defaults(func=run_fit)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-
     from medsynth.io.atomic import write_text_atomic
 
     config = load_controlnet_config(args.config)
@@ -61,15 +59,16 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dit folder {args.dit} does not exist; give `medsynth dit fit` OUT/export")
     if not args.cache.is_dir():
         raise ConfigError(f"--cache folder {args.cache} does not exist; make one with `medsynth encode`")
-    from medsynth.cli.devices import training_devices
-
-    devices = training_devices(args.accelerator, args.devices)
+    scale = scale_options(args)
+    if scale.precision is not None:
+        config["training"] = {**dict(config.get("training") or {}), "precision": scale.precision}
 
     from medsynth.training.controlnet import fit_controlnet
 
     start = time.time()
-    export = fit_controlnet(args.dit, args.cache, args.out, config, accelerator=args.accelerator, devices=devices,
-                            max_steps=args.max_steps)
+    export = fit_controlnet(args.dit, args.cache, args.out, config, accelerator=scale.accelerator,
+                            devices=scale.devices, max_steps=args.max_steps, resume=scale.resume,
+                            num_nodes=scale.num_nodes, strategy=scale.strategy or "auto")
     summary = {"export": str(export), "seconds": round(time.time() - start, 1), "config": str(args.config),
                "dit": str(args.dit), "cache": str(args.cache)}
     write_text_atomic(Path(args.out) / "fit_summary.json", json.dumps(summary, indent=2) + "\n")

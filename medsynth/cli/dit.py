@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsynth.cli.devices import add_scale_arguments, scale_options
 from medsynth.errors import ConfigError
 from medsynth.io.config_files import read_config_sections
 
 SECTIONS = ("model", "text_encoder", "objective", "sampling", "training")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 def load_dit_config(path: str | Path) -> dict[str, Any]:
@@ -60,13 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--out", required=True, type=Path,
                      help="run folder: config.yaml, checkpoints/, lightning_logs/, export/ (the model)")
     fit.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides the config)")
-    fit.add_argument("--devices", default="1", help="number of devices (or 'auto'); >1 uses DDP")
-    fit.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
-                     help="default auto")
-    fit.add_argument("--precision", default=None, choices=PRECISIONS,
-                     help="overrides training.precision (bf16-mixed on GPUs that support it)")
-    fit.add_argument("--resume", type=Path, default=None, help="Lightning checkpoint to resume from "
-                                                                "(e.g. OUT/checkpoints/last.ckpt)")
+    add_scale_arguments(fit, precision_help="overrides training.precision (bf16-mixed on GPUs that support it)")
     fit.add_argument("--num-workers", type=int, default=0, help="data loader workers (default 0)")
     fit.set_defaults(func=run_fit)
 
@@ -81,16 +75,10 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.resume is not None and not args.resume.is_file():
-        raise ConfigError(f"--resume checkpoint {args.resume} does not exist")
-    from medsynth.cli.devices import runs_on_cpu, training_devices
-
-    devices = training_devices(args.accelerator, args.devices)
+    scale = scale_options(args)
     training = dict(config.get("training") or {})
-    if args.precision is not None:
-        if args.precision == "16-mixed" and runs_on_cpu(args.accelerator):
-            raise ConfigError("--precision 16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
-        training["precision"] = args.precision
+    if scale.precision is not None:
+        training["precision"] = scale.precision
     if args.max_steps is not None:
         training["max_steps"] = args.max_steps
     config["training"] = training
@@ -101,8 +89,9 @@ def run_fit(args: argparse.Namespace) -> int:
     from medsynth.training.dit import fit_dit
 
     start = time.time()
-    export = fit_dit(args.cache, out, config, accelerator=args.accelerator, devices=devices,
-                     max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers)
+    export = fit_dit(args.cache, out, config, accelerator=scale.accelerator, devices=scale.devices,
+                     max_steps=args.max_steps, resume=scale.resume, num_workers=args.num_workers,
+                     num_nodes=scale.num_nodes, strategy=scale.strategy or "auto")
     summary = {"export": str(export), "seconds": round(time.time() - start, 1), "config": str(args.config),
                "cache": str(args.cache)}
     write_text_atomic(out / "fit_summary.json", json.dumps(summary, indent=2) + "\n")

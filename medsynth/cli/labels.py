@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsynth.cli.devices import add_scale_arguments, scale_options
 from medsynth.errors import ConfigError
 
 
@@ -44,11 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "split of DATA (never test); export to OUT/export.")
     fit.add_argument("--data", required=True, type=Path, help="dataset folder (with splits.json and labels)")
     fit.add_argument("--config", required=True, type=Path, help="YAML config (configs/labels/*.yaml)")
-    fit.add_argument("--out", required=True, type=Path, help="run folder: export/ (the model), fit_summary.json")
+    fit.add_argument("--out", required=True, type=Path,
+                     help="run folder: checkpoints/ (one folder per stage), export/ (the model), fit_summary.json")
     fit.add_argument("--max-steps", type=int, default=None, help="caps the optimiser steps of each stage")
-    fit.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu", "cuda", "mps"),
-                     help="default auto")
-    fit.add_argument("--devices", default="1", help="number of devices (or 'auto')")
+    add_scale_arguments(fit, precision_help="overrides dit_training.precision (the label autoencoder stage "
+                                            "always trains in 32-true)",
+                        resume_help="a checkpoint of either stage (OUT/checkpoints/autoencoder/last.ckpt or "
+                                    "OUT/checkpoints/dit/last.ckpt): training continues from that stage")
     fit.set_defaults(func=run_fit)
 
 
@@ -67,7 +70,6 @@ def run_bank(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-
     from medsynth.io.atomic import write_text_atomic
 
     config = load_label_config(args.config)
@@ -75,15 +77,16 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
     if not args.data.is_dir():
         raise ConfigError(f"--data folder {args.data} does not exist; give a prepared dataset folder")
-    from medsynth.cli.devices import training_devices
-
-    devices = training_devices(args.accelerator, args.devices)
+    scale = scale_options(args)
+    if scale.precision is not None:
+        config["dit_training"] = {**dict(config.get("dit_training") or {}), "precision": scale.precision}
 
     from medsynth.training.label_generator import fit_label_generator
 
     start = time.time()
-    export = fit_label_generator(args.data, args.out, config, accelerator=args.accelerator, devices=devices,
-                                 max_steps=args.max_steps)
+    export = fit_label_generator(args.data, args.out, config, accelerator=scale.accelerator, devices=scale.devices,
+                                 max_steps=args.max_steps, resume=scale.resume, num_nodes=scale.num_nodes,
+                                 strategy=scale.strategy or "auto")
     summary = {"export": str(export), "seconds": round(time.time() - start, 1), "config": str(args.config),
                "data": str(args.data)}
     write_text_atomic(Path(args.out) / "fit_summary.json", json.dumps(summary, indent=2) + "\n")

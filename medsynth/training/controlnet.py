@@ -320,11 +320,15 @@ def check_base_dit(controlnet: ControlNet3D, export: Export, dit: DiT3D, dit_exp
 
 def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str, Any],
                    accelerator: str = "auto", devices: int | str = "auto", max_steps: int | None = None,
-                   resume: str | Path | None = None, num_workers: int = 0) -> Path:
+                   resume: str | Path | None = None, num_workers: int = 0, num_nodes: int = 1,
+                   strategy: str = "auto") -> Path:
     """Train a ControlNet for the DiT export ``dit_dir`` on a latent cache; returns ``out_dir/export``.
 
     ``run_config`` is a parsed ``configs/controlnet/*.yaml`` (sections controlnet, sampling,
     training). The objective is the DiT's own (from its export), so they cannot disagree.
+    Lightning checkpoints go to ``out_dir/checkpoints``; ``resume`` continues from one (its
+    ``last.ckpt``). ``accelerator``, ``devices`` (per node), ``num_nodes`` and ``strategy`` go to
+    the Trainer.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
@@ -363,8 +367,9 @@ def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
                                "latent_cache": str(cache_dir), "scale_factor": data.scale_factor})
     out = Path(out_dir)
     every = max(1, min(1000, training.max_steps // 4))
-    trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices,
-                        precision=training.precision, default_root_dir=str(out), log_every_n_steps=min(50, every),
+    trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy=strategy, precision=training.precision, default_root_dir=str(out),
+                        log_every_n_steps=min(50, every),
                         callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
                                    ExportOnTrainEnd(out / "export")],
                         enable_progress_bar=False, max_epochs=-1)

@@ -332,11 +332,13 @@ def text_encoder_config_for(config: Mapping[str, Any], prompts: Sequence[str]) -
 
 def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str, Any],
             accelerator: str = "auto", devices: int | str = "auto", max_steps: int | None = None,
-            resume: str | Path | None = None, num_workers: int = 0) -> Path:
+            resume: str | Path | None = None, num_workers: int = 0, num_nodes: int = 1,
+            strategy: str = "auto") -> Path:
     """Train a DiT on a latent cache and export it to ``out_dir/export``; returns the export folder.
 
     ``run_config`` is a parsed ``configs/dit/*.yaml`` (sections model, text_encoder, objective,
     sampling, training). Lightning checkpoints go to ``out_dir/checkpoints`` (``resume`` one).
+    ``accelerator``, ``devices`` (per node), ``num_nodes`` and ``strategy`` go to the Trainer.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
@@ -368,8 +370,9 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
             raise ConfigError(f"latent cache case {case_id!r}: {err}; fix prompts.jsonl and encode again") from None
     out = Path(out_dir)
     every = max(1, min(1000, training.max_steps // 4))
-    trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices,
-                        precision=training.precision, default_root_dir=str(out), log_every_n_steps=min(50, every),
+    trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy=strategy, precision=training.precision, default_root_dir=str(out),
+                        log_every_n_steps=min(50, every),
                         callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
                                    ExportOnTrainEnd(out / "export")],
                         enable_progress_bar=False, max_epochs=-1)

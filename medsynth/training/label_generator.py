@@ -378,11 +378,59 @@ def load_label_generator(directory: str | Path, device: torch.device | str = "cp
 # ---------------------------------------------------------------------------------------------
 
 
-def _trainer(out: Path, max_steps: int, accelerator: str, devices: int | str, precision: str = "32-true") -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator=accelerator, devices=devices, precision=precision,
-                     default_root_dir=str(out), log_every_n_steps=max(1, min(50, max_steps // 4)),
-                     enable_progress_bar=False, enable_checkpointing=False, max_epochs=-1, logger=False,
-                     enable_model_summary=False)
+# Top-level key of every labels-fit checkpoint: which stage wrote it and, for the DiT stage, the
+# trained label autoencoder, so a DiT checkpoint alone is enough to resume.
+STAGE_KEY = "medsynth_label_generator"
+STAGES = ("autoencoder", "dit")
+
+
+class _RecordStage(L.Callback):
+    """Writes :data:`STAGE_KEY` into each checkpoint of one stage (and the autoencoder into the DiT's)."""
+
+    def __init__(self, stage: str, autoencoder: LabelAutoencoder | None = None, autoencoder_steps: int = 0) -> None:
+        self.stage, self.autoencoder, self.autoencoder_steps = stage, autoencoder, int(autoencoder_steps)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        record: dict[str, Any] = {"stage": self.stage}
+        if self.autoencoder is not None:
+            record.update(autoencoder_config=self.autoencoder.config.to_dict(),
+                          autoencoder_state=self.autoencoder.state_dict(), autoencoder_steps=self.autoencoder_steps)
+        checkpoint[STAGE_KEY] = record
+
+
+def read_stage_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The :data:`STAGE_KEY` record of a labels-fit checkpoint (``{"stage": ..., ...}``).
+
+    Raises:
+        ConfigError: the file is not a Lightning checkpoint written by ``labels fit``.
+    """
+    try:
+        # weights_only=False: a Lightning checkpoint holds hyper-parameters and loop state, not
+        # only tensors; it is the user's own run file, which Lightning itself loads the same way.
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=False)
+    except Exception as err:  # any unreadable file gets the same one-line answer
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"--resume {path} is not a readable Lightning checkpoint ({reason})") from None
+    record = checkpoint.get(STAGE_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict) or record.get("stage") not in STAGES:
+        raise ConfigError(f"--resume {path} is not a `labels fit` checkpoint; give OUT/checkpoints/autoencoder/"
+                          f"last.ckpt or OUT/checkpoints/dit/last.ckpt of a labels fit run")
+    return record
+
+
+def _trainer(out: Path, stage: str, max_steps: int, accelerator: str, devices: int | str, num_nodes: int,
+             strategy: str, precision: str, callback: _RecordStage) -> L.Trainer:
+    """One stage's Trainer; checkpoints (as for ``dit fit``) go to ``out/checkpoints/<stage>``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = max(1, min(1000, max_steps // 4))
+    return L.Trainer(max_steps=max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                     strategy=strategy, precision=precision, default_root_dir=str(out),
+                     log_every_n_steps=max(1, min(50, max_steps // 4)), enable_progress_bar=False,
+                     callbacks=[ModelCheckpoint(out / "checkpoints" / stage, every_n_train_steps=every,
+                                                save_last=True), callback],
+                     max_epochs=-1, logger=False, enable_model_summary=False)
 
 
 @torch.no_grad()
@@ -417,17 +465,27 @@ def reconstruction_dice(model: LabelAutoencoder, latents: Tensor, arrays: Sequen
 
 def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: Mapping[str, Any],
                         accelerator: str = "auto", devices: int | str = "auto",
-                        max_steps: int | None = None) -> Path:
+                        max_steps: int | None = None, resume: str | Path | None = None, num_nodes: int = 1,
+                        strategy: str = "auto") -> Path:
     """Train the label autoencoder, then the label DiT, on the train split; export to ``out_dir/export``.
 
     Args:
         data_dir: a prepared dataset folder (with splits.json and labels).
-        out_dir: run folder; the export goes to ``out_dir/export``.
+        out_dir: run folder; the export goes to ``out_dir/export``, each stage's Lightning
+            checkpoints to ``out_dir/checkpoints/autoencoder`` and ``out_dir/checkpoints/dit``.
         run_config: a parsed ``configs/labels/*.yaml`` (see :func:`parse_label_config`).
+        accelerator, devices, num_nodes, strategy: for both stages' Trainers (devices per node).
         max_steps: caps the optimiser steps of each stage (tests, quick runs).
+        resume: a checkpoint of either stage. An autoencoder checkpoint continues the autoencoder,
+            then trains the DiT from scratch; a DiT checkpoint takes the trained autoencoder from
+            the checkpoint (it is not retrained) and continues the DiT.
 
     Returns:
         The export folder.
+
+    Raises:
+        ConfigError: ``resume`` is not a labels-fit checkpoint, or its autoencoder has another
+            architecture than the config's.
     """
     from medsynth.training.dit import DiTModule, DiTTrainingConfig, collate_latents, text_encoder_config_for
 
@@ -445,18 +503,28 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     patch = max(DiTConfig.from_dict(dit_dict).patch_size)
     out = Path(out_dir)
 
+    resumed = None if resume is None else read_stage_checkpoint(resume)
+    resume_stage = None if resumed is None else resumed["stage"]
+    trainer_options = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+
     L.seed_everything(ae_train.seed, workers=True)
     data = read_label_cases(data_dir, factor * patch)
     names = attr_cfg.names(data.labels)
     ae_dict["num_classes"] = max(data.labels.values()) + 1
-    ae_module = LabelAutoencoderModule(ae_dict, asdict(ae_train))
-    trainer = _trainer(out, ae_train.max_steps, accelerator, devices)
-    # Under DDP each rank sees 1 / world_size of the cases: drop a partial last batch only when
-    # every rank still gets a full one.
-    loader = DataLoader(LabelMapDataset(data.arrays), batch_size=ae_train.batch_size, shuffle=True,
-                        drop_last=len(data.arrays) >= ae_train.batch_size * max(1, trainer.world_size))
-    trainer.fit(ae_module, loader)
-    autoencoder = ae_module.model.cpu().eval().requires_grad_(False)
+    if resume_stage == "dit":
+        # The first stage is finished: take its weights from the checkpoint instead of retraining
+        # them (the DiT's latents, and so its checkpoint, only fit that very autoencoder).
+        autoencoder, ae_steps = _carried_autoencoder(resumed, ae_dict, resume)
+    else:
+        ae_module = LabelAutoencoderModule(ae_dict, asdict(ae_train))
+        trainer = _trainer(out, "autoencoder", ae_train.max_steps, precision="32-true",
+                           callback=_RecordStage("autoencoder"), **trainer_options)
+        # Under DDP each rank sees 1 / world_size of the cases: drop a partial last batch only when
+        # every rank still gets a full one.
+        loader = DataLoader(LabelMapDataset(data.arrays), batch_size=ae_train.batch_size, shuffle=True,
+                            drop_last=len(data.arrays) >= ae_train.batch_size * max(1, trainer.world_size))
+        trainer.fit(ae_module, loader, ckpt_path=None if resume_stage is None else str(resume))
+        autoencoder, ae_steps = ae_module.model.cpu().eval().requires_grad_(False), int(ae_module.global_step)
 
     latents = encode_labels(autoencoder, data.arrays)  # (N, L, x, y, z)
     recon_dice = reconstruction_dice(autoencoder, latents, data.arrays, data.labels)
@@ -475,10 +543,11 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
         except ConfigError as err:
             raise ConfigError(f"train case {case_id!r}: {err}; fix its metadata (prompts.jsonl)") from None
     dataset = LabelLatentDataset(latents * scale, data.prompts, data.records, attributes, attr_cfg.drop_rate)
-    trainer = _trainer(out, dit_train.max_steps, accelerator, devices, dit_train.precision)
+    trainer = _trainer(out, "dit", dit_train.max_steps, precision=dit_train.precision,
+                       callback=_RecordStage("dit", autoencoder, ae_steps), **trainer_options)
     loader = DataLoader(dataset, batch_size=dit_train.batch_size, shuffle=True, collate_fn=collate_latents,
                         drop_last=len(dataset) >= dit_train.batch_size * max(1, trainer.world_size))
-    trainer.fit(dit_module, loader)
+    trainer.fit(dit_module, loader, ckpt_path=str(resume) if resume_stage == "dit" else None)
     if not trainer.is_global_zero:
         return out / "export"
     encoder = dit_module.ema_text_encoder if dit_module.ema_text_encoder is not None else dit_module.text_encoder
@@ -489,7 +558,7 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
               "metadata_defaults": {"modality": data.records[0].get("modality"),
                                     "region": regions.most_common(1)[0][0] if regions else None},
               "statistics": {**data.statistics, "splits": ["train"], "case_ids": data.case_ids}}
-    metadata = {"dataset": data.source, "trained_steps": {"autoencoder": int(ae_module.global_step),
+    metadata = {"dataset": data.source, "trained_steps": {"autoencoder": ae_steps,
                                                           "dit": int(dit_module.global_step)},
                 "autoencoder_reconstruction_dice": recon_dice,
                 "training": {"autoencoder_training": asdict(ae_train), "dit_training": dit_train.to_dict(),
@@ -498,8 +567,26 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
                                 copy.deepcopy(encoder).cpu().eval(), record, metadata)
 
 
+def _carried_autoencoder(record: Mapping[str, Any], ae_dict: Mapping[str, Any],
+                         path: str | Path) -> tuple[LabelAutoencoder, int]:
+    """The trained label autoencoder a DiT-stage checkpoint carries, and its step count.
+
+    Raises:
+        ConfigError: the carried autoencoder has another architecture than the config asks for
+            (the checkpoint belongs to another config or dataset).
+    """
+    carried = LabelAutoencoderConfig.from_dict(record["autoencoder_config"])
+    wanted = LabelAutoencoderConfig.from_dict(dict(ae_dict))
+    if carried.to_dict() != wanted.to_dict():
+        raise ConfigError(f"--resume {path} holds a label autoencoder {carried.to_dict()}, but the config and "
+                          f"dataset give {wanted.to_dict()}; resume with the run's own config and dataset")
+    model = LabelAutoencoder(carried)
+    model.load_state_dict(record["autoencoder_state"])
+    return model.eval().requires_grad_(False), int(record.get("autoencoder_steps", 0))
+
+
 __all__ = ["LabelAETrainingConfig", "AttributeConfig", "LabelCases", "read_label_cases", "LabelMapDataset",
            "LabelLatentDataset", "LabelAutoencoderModule", "soft_dice_loss", "save_label_generator",
            "load_label_generator", "fit_label_generator", "parse_label_config", "encode_labels",
-           "reconstruction_dice", "KIND",
+           "reconstruction_dice", "read_stage_checkpoint", "KIND", "STAGE_KEY",
            "VOLUME_PREFIX", "LESION_PREFIX", "SECTIONS"]
