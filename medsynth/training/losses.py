@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import SSIMLoss
 from torch import nn
 
 ADV_CRITERIA = ("hinge", "least_squares")
@@ -25,18 +24,61 @@ def _fp32(fn):
     return wrapped
 
 
+class SSIMLoss3d(nn.Module):
+    """``1 - SSIM`` of 3D images, equal to MONAI's ``SSIMLoss(spatial_dims=3)`` at a fraction of the cost.
+
+    The same definition as MONAI (Gaussian window of ``kernel_size`` voxels and ``sigma``,
+    constants ``k1``, ``k2``, "valid" windows only, mean over channels, voxels and batch); only the
+    filtering differs: the Gaussian window is separable, so three 1-D convolutions (3 x 11 taps)
+    replace one 11^3 = 1331-tap 3-D convolution. On the tiny preset at 32^3 MONAI's loss took
+    about half of each training step on a 2-core CPU; this one is cross-checked against MONAI
+    in the tests.
+    """
+
+    def __init__(self, data_range: float = 2.0, kernel_size: int = 11, sigma: float = 1.5, k1: float = 0.01,
+                 k2: float = 0.03) -> None:
+        super().__init__()
+        offsets = torch.arange((1 - kernel_size) / 2, (1 + kernel_size) / 2, 1.0)
+        gauss = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        # not persistent: a constant, kept out of checkpoints (older checkpoints had no buffer here)
+        self.register_buffer("window", gauss / gauss.sum(), persistent=False)
+        self.c1 = (k1 * data_range) ** 2
+        self.c2 = (k2 * data_range) ** 2
+
+    def _filter(self, maps: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, X, Y, Z)`` -> Gaussian-weighted local means over valid windows ``(N, 1, X-k+1, ...)``."""
+        w = self.window.to(maps)
+        for shape in ((1, 1, -1, 1, 1), (1, 1, 1, -1, 1), (1, 1, 1, 1, -1)):
+            maps = F.conv3d(maps, w.view(shape))
+        return maps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` each (every spatial size >= ``kernel_size``) -> scalar ``1 - SSIM``."""
+        if x.shape != y.shape:
+            raise ValueError(f"SSIM needs two images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        n = x.shape[0] * x.shape[1]
+        spatial = x.shape[2:]
+        stacked = torch.cat([x, y, x * x, y * y, x * y]).reshape(5 * n, 1, *spatial)
+        mu_x, mu_y, mu_xx, mu_yy, mu_xy = self._filter(stacked).split(n)
+        sigma_x, sigma_y, sigma_xy = mu_xx - mu_x * mu_x, mu_yy - mu_y * mu_y, mu_xy - mu_x * mu_y
+        ssim = ((2 * mu_x * mu_y + self.c1) / (mu_x * mu_x + mu_y * mu_y + self.c1)) * (
+            (2 * sigma_xy + self.c2) / (sigma_x + sigma_y + self.c2))
+        return 1.0 - ssim.mean()
+
+
 class ReconstructionLoss(nn.Module):
     """``l1_weight * L1 + ssim_weight * (1 - SSIM3D)`` on images in ``[-1, 1]`` (data range 2).
 
     L1 keeps intensities (HU) right; SSIM keeps edges and texture, which L1 alone blurs.
-    MONAI's SSIMLoss with a 3D Gaussian window (11 voxels, sigma 1.5): the SSIM everyone reports.
+    SSIM with a 3D Gaussian window (11 voxels, sigma 1.5): the SSIM everyone reports, computed as
+    MONAI's ``SSIMLoss`` defines it by :class:`SSIMLoss3d`.
     """
 
     def __init__(self, l1_weight: float = 1.0, ssim_weight: float = 0.2) -> None:
         super().__init__()
         self.l1_weight = l1_weight
         self.ssim_weight = ssim_weight
-        self.ssim = SSIMLoss(spatial_dims=3, data_range=2.0)
+        self.ssim = SSIMLoss3d(data_range=2.0)
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(B, C, X, Y, Z)`` each -> {"l1", "ssim" (the loss 1-SSIM), "total"} scalars."""

@@ -159,3 +159,21 @@ def test_training_config_betas_and_lr_schedule():
         AutoencoderTrainingConfig(betas_discriminator=(0.5, 1.0))
     with pytest.raises(ConfigError, match="lr_warmup_steps=-1"):
         AutoencoderTrainingConfig(lr_warmup_steps=-1)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32, 32), (1, 2, 16, 24, 12)])
+def test_separable_ssim_loss_equals_monai_in_value_and_gradient(shape):
+    from monai.losses import SSIMLoss
+
+    from medsynth.training.losses import SSIMLoss3d
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(shape, generator=gen) * 2 - 1
+    recon = (target + 0.3 * torch.randn(shape, generator=gen)).clamp(-1, 1).requires_grad_(True)
+    reference = SSIMLoss(spatial_dims=3, data_range=2.0)(recon, target)
+    ours = SSIMLoss3d(data_range=2.0)(recon, target)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    (grad_ref,) = torch.autograd.grad(reference, recon)
+    (grad_ours,) = torch.autograd.grad(ours, recon)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-7, rtol=1e-4)
+    assert float(SSIMLoss3d()(target, target)) == pytest.approx(0.0, abs=1e-6)  # identical images: SSIM 1
