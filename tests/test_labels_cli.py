@@ -194,3 +194,14 @@ def test_labels_fit_refuses_a_checkpoint_of_another_command(parts, tmp_path, cap
                            "--resume", str(parts["root"] / "cn" / "checkpoints" / "last.ckpt"))
     assert_user_error(code, err, "is not a `labels fit` checkpoint")
     assert not out.exists()
+
+
+def test_labels_fit_refuses_a_file_that_is_not_a_checkpoint(parts, tmp_path, capsys):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a pickle")
+    out = tmp_path / "lg"
+    code, _, err = run_cli(capsys, "labels", "fit", "--data", str(parts["data"]), "--config",
+                           str(parts["root"] / "labels.yaml"), "--out", str(out), "--accelerator", "cpu",
+                           "--resume", str(junk))
+    assert_user_error(code, err, "is not a readable Lightning checkpoint")
+    assert not out.exists()

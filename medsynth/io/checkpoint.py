@@ -7,7 +7,8 @@ someone else cannot run code). Both files are written atomically; a folder that 
 trusted (missing file, bad JSON, truncated weights, keys or shapes that do not match the
 config) raises :class:`~medsynth.errors.InputError` naming the file and the problem.
 
-Also here: loading a user's local feature network for the optional perceptual loss, checked
+Also here: reading a Lightning training checkpoint (to see which run wrote it before resuming),
+and loading a user's local feature network for the optional perceptual loss, checked
 against the sha256 the user gives, since nothing in medsynth downloads weights.
 """
 
@@ -210,3 +211,22 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f"cannot read tensors ({err}); delete the file and rerun to rewrite it", path) from None
     return tensors, meta
+
+
+def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict of a Lightning ``.ckpt`` file (on the CPU), to inspect before resuming from it.
+
+    ``weights_only=False``: a Lightning checkpoint holds hyper-parameters and loop state, not only
+    tensors; it is the user's own run file, which Lightning itself loads the same way.
+
+    Raises:
+        ConfigError: the file cannot be read as a checkpoint (one line naming the file and why).
+    """
+    try:
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=False)
+    except Exception as err:  # any unreadable file gets the same one-line answer
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"--resume {path} is not a readable Lightning checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"--resume {path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint

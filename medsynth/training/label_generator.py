@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from medsynth.errors import ConfigError, InputError
-from medsynth.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export, save_export
+from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export,
+                                    read_lightning_checkpoint, save_export)
 from medsynth.models.autoencoder_config import config_from_dict
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.label_generator import LESION_PREFIX, VOLUME_PREFIX, LabelAutoencoder, LabelAutoencoderConfig
@@ -405,14 +406,7 @@ def read_stage_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: the file is not a Lightning checkpoint written by ``labels fit``.
     """
-    try:
-        # weights_only=False: a Lightning checkpoint holds hyper-parameters and loop state, not
-        # only tensors; it is the user's own run file, which Lightning itself loads the same way.
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=False)
-    except Exception as err:  # any unreadable file gets the same one-line answer
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"--resume {path} is not a readable Lightning checkpoint ({reason})") from None
-    record = checkpoint.get(STAGE_KEY) if isinstance(checkpoint, dict) else None
+    record = read_lightning_checkpoint(path).get(STAGE_KEY)
     if not isinstance(record, dict) or record.get("stage") not in STAGES:
         raise ConfigError(f"--resume {path} is not a `labels fit` checkpoint; give OUT/checkpoints/autoencoder/"
                           f"last.ckpt or OUT/checkpoints/dit/last.ckpt of a labels fit run")
