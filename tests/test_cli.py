@@ -71,6 +71,22 @@ def test_phantoms_command_writes_a_readable_dataset(ct_phantoms: Path) -> None:
         assert image.metadata.intensity_unit == "HU"
 
 
+def test_phantoms_lesion_size_is_used_and_recorded(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "big_lesions"
+    code, _, _ = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "4", "--size", "32", "--out", str(out),
+                         "--lesion-rate", "1", "--lesion-size", "36", "44", "--no-progress")
+    assert code == 0
+    dataset = read_dataset(out)
+    block = json.loads((out / "dataset.json").read_text())["medsynth"]["phantoms"]
+    assert block["lesion_size_mm"] == [36.0, 44.0]
+    largest = [max(les["diameter_mm"] for les in c.metadata["lesions"]) for c in dataset.cases]
+    assert min(largest) > 30, largest  # the default range (5-30 mm) would give 24 mm at this grid
+    # the same folder with other lesion sizes is another dataset: refused, nothing overwritten
+    code, _, err = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "4", "--size", "32", "--out", str(out),
+                           "--lesion-rate", "1", "--no-progress")
+    assert code != 0 and "error" in err.lower()
+
+
 def test_phantoms_rerun_is_a_no_op(ct_phantoms: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in ct_phantoms.rglob("*") if p.is_file()}
     code, out, _ = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "6", "--size", "16",
@@ -316,6 +332,9 @@ def test_bad_arguments_write_nothing(capsys: pytest.CaptureFixture[str], tmp_pat
     code, _, err = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "5", "--lesion-rate", "1.5",
                            "--out", str(out))
     assert_user_error(code, err, "1.5")
+    code, _, err = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "5", "--lesion-size", "40", "20",
+                           "--out", str(out))
+    assert_user_error(code, err, "MIN <= MAX")
     code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "absent"), "--out", str(out))
     assert_user_error(code, err, "absent")
     code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path), "--out", str(out),

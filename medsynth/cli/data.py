@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--lesion-rate", type=float, default=0.15,
                    help="probability that a case has a lesion/tumour (default 0.15)")
+    p.add_argument("--lesion-size", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="lesion (CT) / tumour core (MR) diameter range in mm, drawn log-uniformly "
+                        "(default CT 5 30, MR 8 35; never under two voxels across)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_phantoms)
 
@@ -64,7 +67,7 @@ def run_phantoms(args: argparse.Namespace) -> int:
 
     dataset = write_phantom_dataset(args.out, modality=args.modality, num=args.num, size=args.size,
                                     seed=args.seed, lesion_rate=args.lesion_rate,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, lesion_size_mm=args.lesion_size)
     n_lesion = sum(1 for c in dataset.cases if c.metadata.get("has_lesion"))
     print(f"wrote {len(dataset.cases)} {args.modality.upper()} phantoms ({n_lesion} with a lesion) "
           f"to {dataset.root}")

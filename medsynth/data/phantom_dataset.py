@@ -9,7 +9,9 @@ split whenever there are enough lesion cases. Reruns skip finished cases.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -39,7 +41,8 @@ def phantom_splits(num: int, seed: int, lesion_rate: float) -> dict[str, list[st
 
 
 def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int = 64, seed: int = 0,
-                          lesion_rate: float = 0.15, progress: bool = True) -> Dataset:
+                          lesion_rate: float = 0.15, progress: bool = True,
+                          lesion_size_mm: Sequence[float] | None = None) -> Dataset:
     """Generate ``num`` phantoms into the dataset folder ``out`` and return it, read back.
 
     Args:
@@ -50,6 +53,8 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
         seed: dataset seed; case ``i`` depends only on ``(seed, i)``.
         lesion_rate: probability that a case carries lesions/tumours.
         progress: show a progress bar.
+        lesion_size_mm: ``(min, max)`` lesion / tumour core diameter in mm (default: the
+            modality's range, see :func:`medsynth.data.phantoms.generate_phantom`).
 
     Raises:
         ConfigError: invalid arguments (checked before anything is written), or ``out`` holds a
@@ -59,14 +64,18 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
         raise ConfigError(f"--num must be an integer >= 3 (one case per train/val/test split), got {num!r}")
     # generate_phantoms validates modality, size, seed and rate eagerly: nothing is written on
     # a bad call. Cases are then made one by one so that a resumed run skips finished ones.
-    generate_phantoms(modality, num, size=size, seed=seed, lesion_rate=lesion_rate)
+    generate_phantoms(modality, num, size=size, seed=seed, lesion_rate=lesion_rate,
+                      lesion_size_mm=lesion_size_mm)
     modality = modality.lower()
     out = Path(out)
     splits = phantom_splits(num, seed, lesion_rate)
     test_ids = set(splits["test"])
     mapping = IntensityMapping.ct_window() if modality == "ct" else None
+    settings: dict[str, Any] = {"num": num, "size": size, "seed": seed, "lesion_rate": lesion_rate}
+    if lesion_size_mm is not None:  # only when asked for, so default folders written before resume
+        settings["lesion_size_mm"] = [float(v) for v in lesion_size_mm]
     medsynth_block = {"source": "medsynth phantoms", "synthetic": True, "modality": modality.upper(),
-                      "phantoms": {"num": num, "size": size, "seed": seed, "lesion_rate": lesion_rate},
+                      "phantoms": settings,
                       "intensity": mapping.to_dict() if mapping is not None else
                       {"kind": "mr_percentiles", "per_case": True}}
     writer = DatasetWriter(out, name=f"phantoms_{modality}", labels=phantom_labels(modality),
@@ -78,7 +87,8 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
             if writer.has_case(case_id):
                 bar.update(1)
                 continue
-            case = generate_phantom(modality, size, phantom_case_seed(seed, index), lesion_rate)
+            case = generate_phantom(modality, size, phantom_case_seed(seed, index), lesion_rate,
+                                    lesion_size_mm=lesion_size_mm)
             case.metadata.update(index=index, case_id=case_id, dataset_seed=seed)
             preprocessing = None
             if modality == "mr":

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from medsynth.data.phantom_shapes import Grid
-from medsynth.data.phantoms_ct import CT_FOV_MM, CT_LABELS, generate_ct
-from medsynth.data.phantoms_mr import MR_FOV_MM, MR_LABELS, generate_mr
+from medsynth.data.phantoms_ct import CT_FOV_MM, CT_LABELS, CT_LESION_SIZE_MM, generate_ct
+from medsynth.data.phantoms_mr import MR_FOV_MM, MR_LABELS, MR_TUMOUR_SIZE_MM, generate_mr
 from medsynth.errors import ConfigError
 from medsynth.io.volume import Volume, VolumeMetadata
 
@@ -33,6 +33,9 @@ __all__ = ["CT_LABELS", "MR_LABELS", "MODALITIES", "PhantomCase", "generate_phan
 
 MODALITIES: tuple[str, ...] = ("ct", "mr")
 MIN_SIZE, MAX_SIZE = 16, 512
+# Default lesion (CT) / tumour core (MR) diameter range in mm, per modality.
+LESION_SIZE_MM: dict[str, tuple[float, float]] = {"ct": CT_LESION_SIZE_MM, "mr": MR_TUMOUR_SIZE_MM}
+MAX_LESION_MM = 80.0
 
 
 @dataclass
@@ -80,7 +83,8 @@ def phantom_case_seed(seed: int, index: int) -> int:
 
 def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 0,
                      lesion_rate: float = 0.15,
-                     spacing: float | Sequence[float] | None = None) -> PhantomCase:
+                     spacing: float | Sequence[float] | None = None,
+                     lesion_size_mm: Sequence[float] | None = None) -> PhantomCase:
     """Generate one phantom case.
 
     Args:
@@ -91,6 +95,9 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
         spacing: voxel size in mm (scalar or 3 values). Default: the field of view divided by
             ``size`` (CT 380 x 380 x 280 mm, MR 240 mm cubed), so the body fills the image at
             any size. The anatomy is fixed in mm: a smaller field of view crops it.
+        lesion_size_mm: ``(min, max)`` diameter in mm of each lesion (CT) or tumour core (MR),
+            drawn log-uniformly. Default :data:`LESION_SIZE_MM` (CT 5-30, MR 8-35). A lesion is
+            never smaller than two voxels across, so on coarse grids small ones grow.
 
     Returns:
         :class:`PhantomCase` whose image and label share a diagonal RAS affine centred on (0, 0, 0).
@@ -102,15 +109,16 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
     shape = _check_size(size)
     _check_seed(seed)
     _check_rate(lesion_rate)
+    sizes = _check_lesion_size(lesion_size_mm, mod)
     fov = CT_FOV_MM if mod == "ct" else MR_FOV_MM
     grid = Grid(shape=shape, spacing=_check_spacing(spacing, shape, fov))
     rngs = _streams(seed)
     with_lesions = _draw_lesions(rngs[1], lesion_rate)
     if mod == "ct":
-        made = generate_ct(grid, rngs, with_lesions)
+        made = generate_ct(grid, rngs, with_lesions, sizes)
         region, unit, modality_code = "abdomen", "HU", "CT"
     else:
-        made = generate_mr(grid, rngs, with_lesions)
+        made = generate_mr(grid, rngs, with_lesions, sizes)
         region, unit, modality_code = "head", "a.u.", "MR"
     info = dict(made.info)
     lesions = info.pop("lesions")
@@ -121,6 +129,8 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
         "seed": int(seed), "lesion_rate": float(lesion_rate), "generator": "medsynth.phantoms",
         "synthetic": True, **info,
     }
+    if lesion_size_mm is not None:  # recorded only when asked for: default cases stay as they were
+        metadata["lesion_size_mm"] = list(sizes)
     prompt = _prompt(metadata)
     affine = grid.affine
     extra = {"generator": "phantom", "seed": int(seed), "prompt": prompt}
@@ -147,7 +157,8 @@ def phantom_lesion_planned(seed: int, lesion_rate: float) -> bool:
 
 def generate_phantoms(modality: str, num: int, size: int | Sequence[int] = 64, seed: int = 0,
                       lesion_rate: float = 0.15,
-                      spacing: float | Sequence[float] | None = None) -> Iterator[PhantomCase]:
+                      spacing: float | Sequence[float] | None = None,
+                      lesion_size_mm: Sequence[float] | None = None) -> Iterator[PhantomCase]:
     """Generate ``num`` cases lazily; case ``i`` uses :func:`phantom_case_seed` ``(seed, i)``.
 
     Arguments are validated before the first case is made (a bad call fails at once, not on
@@ -157,12 +168,13 @@ def generate_phantoms(modality: str, num: int, size: int | Sequence[int] = 64, s
     _check_spacing(spacing, _check_size(size), CT_FOV_MM)
     _check_seed(seed)
     _check_rate(lesion_rate)
+    _check_lesion_size(lesion_size_mm, mod)
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
         raise ConfigError(f"number of phantoms must be an integer >= 1, got {num!r}")
 
     def cases() -> Iterator[PhantomCase]:
         for i in range(int(num)):
-            case = generate_phantom(mod, size, phantom_case_seed(seed, i), lesion_rate, spacing)
+            case = generate_phantom(mod, size, phantom_case_seed(seed, i), lesion_rate, spacing, lesion_size_mm)
             case.metadata.update(index=i, case_id=phantom_case_id(i), dataset_seed=int(seed))
             yield case
 
@@ -231,6 +243,19 @@ def _check_rate(rate: float) -> None:
     if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)) \
             or not 0.0 <= float(rate) <= 1.0:
         raise ConfigError(f"lesion rate must be a probability in [0, 1], got {rate!r}")
+
+
+def _check_lesion_size(size_mm: Sequence[float] | None, modality: str) -> tuple[float, float]:
+    """``(min, max)`` lesion diameter in mm; the modality's default when ``None``."""
+    if size_mm is None:
+        return LESION_SIZE_MM[modality]
+    values = list(size_mm) if isinstance(size_mm, (tuple, list, np.ndarray)) else []
+    if len(values) != 2 or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                   and math.isfinite(v) for v in values) \
+            or not 0 < values[0] <= values[1] <= MAX_LESION_MM:
+        raise ConfigError(f"lesion size must be two diameters MIN MAX in mm with 0 < MIN <= MAX <= "
+                          f"{MAX_LESION_MM:g}, got {size_mm!r}")
+    return float(values[0]), float(values[1])
 
 
 def _check_spacing(spacing: float | Sequence[float] | None, shape: tuple[int, int, int],

@@ -51,6 +51,8 @@ _HU_RANGES: dict[str, dict[int, tuple[float, float]]] = {
                       FLUID: (0, 20), GAS: (-950, -850), BONE: (150, 280), CORTEX: (600, 900),
                       DISC: (70, 100), CANAL: (10, 25)},
 }
+# Lesion diameters (mm) drawn by default: log-uniform, small lesions commoner.
+CT_LESION_SIZE_MM: tuple[float, float] = (5.0, 30.0)
 # How much darker than the liver a lesion is, per phase (hypodense lesions).
 _LESION_DROP_HU: dict[str, tuple[float, float]] = {"none": (18, 40), "portal_venous": (30, 65)}
 # Parenchymal texture standard deviation (HU) per tissue; the rest get 3 HU.
@@ -217,8 +219,12 @@ def _organs(grid: Grid, rng: np.random.Generator, geo: dict[str, Any], sex: str)
 
 
 def _place_lesions(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, with_lesions: bool,
-                   liver_hu: float, phase: str) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+                   liver_hu: float, phase: str,
+                   size_mm: tuple[float, float] = CT_LESION_SIZE_MM) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Place 1-3 hypodense lesions (if ``with_lesions``) fully inside the liver; paints LESION.
+
+    Diameters are drawn log-uniformly from ``size_mm`` (small lesions commoner), then raised to
+    two voxels across.
 
     Returns:
         per-lesion metadata and the matching ``(X, Y, Z)`` bool masks.
@@ -229,7 +235,7 @@ def _place_lesions(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, wit
     min_d = 2.0 * max(grid.spacing)  # smaller would be sub-voxel and vanish from the label map
     lesions, masks = [], []
     for _ in range(count):
-        wanted = float(np.exp(rng.uniform(np.log(5.0), np.log(30.0))))  # small lesions commoner
+        wanted = float(np.exp(rng.uniform(np.log(size_mm[0]), np.log(size_mm[1]))))
         drop = rng.uniform(*_LESION_DROP_HU[phase])
         field = SmoothField(rng, (max(wanted, min_d), 3 * max(wanted, min_d)), 6)
         placed = None
@@ -250,13 +256,15 @@ def _place_lesions(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, wit
     return lesions, masks
 
 
-def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions: bool) -> CTPhantom:
+def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions: bool,
+                lesion_size_mm: tuple[float, float] = CT_LESION_SIZE_MM) -> CTPhantom:
     """Generate one CT abdomen phantom.
 
     Args:
         grid: voxel grid (the anatomy is fixed in mm; the grid samples it).
         rngs: three generators: anatomy (grid-independent draws), lesions, rendering.
         with_lesions: whether the case carries liver lesions (drawn by the caller).
+        lesion_size_mm: ``(min, max)`` lesion diameter in mm.
 
     Returns:
         :class:`CTPhantom` with ``(X, Y, Z)`` float32 HU image and uint8 labels.
@@ -292,7 +300,8 @@ def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
     tissue[bone] = CORTEX
     tissue[ndimage.binary_erosion(bone)] = BONE
 
-    lesions, lesion_masks = _place_lesions(grid, rng_lesion, tissue, with_lesions, hu[LIVER], phase)
+    lesions, lesion_masks = _place_lesions(grid, rng_lesion, tissue, with_lesions, hu[LIVER], phase,
+                                                 lesion_size_mm)
     label = _TISSUE_LABEL[tissue]
     image, render = _render_ct(grid, rng_render, tissue, hu, sex,
                                [(m, les["hu"]) for les, m in zip(lesions, lesion_masks)])

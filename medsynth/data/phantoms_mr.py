@@ -31,6 +31,8 @@ MR_LABELS: dict[str, int] = {
 
 MR_FOV_MM: tuple[float, float, float] = (240.0, 240.0, 240.0)
 MR_SEQUENCES: tuple[str, ...] = ("T1", "T2", "FLAIR")
+# Tumour core diameters (mm) drawn by default: log-uniform, small tumours commoner.
+MR_TUMOUR_SIZE_MM: tuple[float, float] = (8.0, 35.0)
 
 (AIR, SCALP_FAT, SCALP_SOFT, SKULL, DIPLOE, CSF, GM, DEEP_GM, WM, VENTRICLE, OEDEMA, CORE,
  NECROSIS) = range(13)
@@ -170,16 +172,19 @@ def _head(grid: Grid, rng: np.random.Generator, sex: str, age: int) -> np.ndarra
     return tissue
 
 
-def _place_tumours(grid: Grid, rng: np.random.Generator, tissue: np.ndarray,
-                   with_lesions: bool) -> list[dict[str, Any]]:
-    """Place 1-3 tumours (core + oedema rim; if ``with_lesions``) fully inside grey/white matter."""
+def _place_tumours(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, with_lesions: bool,
+                   size_mm: tuple[float, float] = MR_TUMOUR_SIZE_MM) -> list[dict[str, Any]]:
+    """Place 1-3 tumours (core + oedema rim; if ``with_lesions``) fully inside grey/white matter.
+
+    Core diameters are drawn log-uniformly from ``size_mm``, then raised to two voxels across.
+    """
     if not with_lesions:
         return []
     count = int(rng.choice([1, 2, 3], p=[0.75, 0.18, 0.07]))
     min_d = 2.0 * max(grid.spacing)
     out = []
     for _ in range(count):
-        wanted = float(np.exp(rng.uniform(np.log(8.0), np.log(35.0))))
+        wanted = float(np.exp(rng.uniform(np.log(size_mm[0]), np.log(size_mm[1]))))
         oedema_factor = rng.uniform(1.4, 2.2)
         field = SmoothField(rng, (max(wanted, min_d), 3 * max(wanted, min_d)), 6)
         oedema_field = SmoothField(rng, (15.0, 40.0), 8)
@@ -216,13 +221,15 @@ def _place_tumours(grid: Grid, rng: np.random.Generator, tissue: np.ndarray,
     return out
 
 
-def generate_mr(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions: bool) -> MRPhantom:
+def generate_mr(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions: bool,
+                lesion_size_mm: tuple[float, float] = MR_TUMOUR_SIZE_MM) -> MRPhantom:
     """Generate one MR head phantom.
 
     Args:
         grid: voxel grid (the anatomy is fixed in mm; the grid samples it).
         rngs: three generators: anatomy (grid-independent draws), lesions, rendering.
         with_lesions: whether the case carries tumours (drawn by the caller).
+        lesion_size_mm: ``(min, max)`` tumour core diameter in mm.
 
     Returns:
         :class:`MRPhantom` with ``(X, Y, Z)`` float32 a.u. image and uint8 labels.
@@ -232,7 +239,7 @@ def generate_mr(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
     age = int(rng_anat.integers(18, 86))
     sequence = MR_SEQUENCES[int(rng_anat.integers(len(MR_SEQUENCES)))]
     tissue = _head(grid, rng_anat, sex, age)
-    lesions = _place_tumours(grid, rng_lesion, tissue, with_lesions)
+    lesions = _place_tumours(grid, rng_lesion, tissue, with_lesions, lesion_size_mm)
     label = _TISSUE_LABEL[tissue]
     image, render = _render_mr(grid, rng_render, tissue, sequence)
     info = {"sex": sex, "age": age, "sequence": sequence, "lesions": lesions, **render}

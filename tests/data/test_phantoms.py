@@ -260,6 +260,25 @@ def test_prompt_formats() -> None:
     assert re.fullmatch(r"MR head (T1|T2|FLAIR), no tumour, (female|male), \d+", mr), mr
 
 
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+def test_lesion_size_range_sets_the_diameters_and_default_cases_are_unchanged(modality: str) -> None:
+    cases = [generate_phantom(modality, 48, seed=s, lesion_rate=1.0, lesion_size_mm=(28, 40)) for s in range(6)]
+    largest = [max(les["diameter_mm"] for les in c.metadata["lesions"]) for c in cases]
+    # the largest lesion of a case was drawn from [28, 40] mm; one that did not fit its host shrank
+    assert max(largest) <= 46 and np.median(largest) >= 24, largest
+    assert cases[0].metadata["lesion_size_mm"] == [28.0, 40.0]
+    small = [generate_phantom(modality, 48, seed=s, lesion_rate=1.0, lesion_size_mm=(2, 3)) for s in range(6)]
+    # two voxels across (10 mm at 48^3) is the floor: asked-for 2-3 mm lesions come out at the floor
+    floor = 2 * max(small[0].image.spacing)
+    assert all(les["diameter_mm"] < 1.6 * floor for c in small for les in c.metadata["lesions"])
+    assert np.mean(largest) > 1.4 * np.mean([les["diameter_mm"] for c in small for les in c.metadata["lesions"]])
+    # asking for nothing gives exactly the old case (the draws and the metadata keys are unchanged)
+    plain = generate_phantom(modality, 32, seed=3, lesion_rate=1.0)
+    default = generate_phantom(modality, 32, seed=3, lesion_rate=1.0, lesion_size_mm=None)
+    assert "lesion_size_mm" not in plain.metadata
+    assert np.array_equal(plain.label.array, default.label.array)
+
+
 # -- arguments ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -271,6 +290,10 @@ def test_prompt_formats() -> None:
     (dict(lesion_rate=-0.1), "-0.1"),
     (dict(seed=-1), "-1"),
     (dict(spacing=0.0), "0.0"),
+    (dict(lesion_size_mm=(30, 10)), "(30, 10)"),
+    (dict(lesion_size_mm=(0, 10)), "(0, 10)"),
+    (dict(lesion_size_mm=(5, 500)), "(5, 500)"),
+    (dict(lesion_size_mm=(5,)), "(5,)"),
 ])
 def test_bad_arguments_raise_config_error(kwargs: dict, needle: str) -> None:
     args = dict(modality="ct", size=16, seed=0, lesion_rate=0.1) | kwargs
