@@ -142,6 +142,39 @@ def test_demo_data_stages_and_report(tmp_path: Path) -> None:
     assert "phantoms" in page and "prepared" in page and "<a href='prepared'" in page
 
 
+def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import medsynth.cli.demo as demo
+
+    seen: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(argv: list[str]) -> None:
+        seen.append(argv)
+        raise Stop
+
+    settings = demo.DemoSettings(out=tmp_path / "demo", train_scale=2.5, progress=False)
+    state = demo.DemoState(outputs={"prepared dataset": tmp_path, "latent cache": tmp_path, "DiT": tmp_path})
+    original = demo.run_command
+    demo.run_command = record
+    try:
+        for stage in (demo.stage_autoencoder, demo.stage_dit):
+            with pytest.raises(Stop):
+                stage(settings, state)
+    finally:
+        demo.run_command = original
+    budgets = [argv[argv.index("--max-steps") + 1] for argv in seen]
+    assert budgets == ["1000", "1000"]  # 400 x 2.5 each
+    assert demo._train_steps(demo.DemoSettings(out=tmp_path, quick=True, train_scale=3.0), 400, 30) == "30"
+    for bad, needle in ((["--train-scale", "0"], "between 0.1 and 100"),
+                        (["--train-scale", "2", "--quick"], "--quick")):
+        code, _, err = run_cli(capsys, "demo", "--out", str(tmp_path / "never"), *bad)
+        assert_user_error(code, err, needle)
+    assert not (tmp_path / "never").exists()
+
+
 def test_demo_lesion_spec_survives_in_the_label_map() -> None:
     from medsynth.cli.demo import lesion_spec
     from medsynth.pipelines.lesions import LesionSpec

@@ -72,6 +72,7 @@ class DemoSettings:
     seed: int = 0
     quick: bool = False
     progress: bool = True
+    train_scale: float = 1.0
 
 
 @dataclass
@@ -102,6 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=None, help="number of phantom cases (default 16; 6 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="one-minute smoke run: fewer, smaller cases")
+    p.add_argument("--train-scale", type=float, default=1.0,
+                   help="multiply the training steps of every model (autoencoder 400, DiT 400, ControlNet 250, "
+                        "label generator 300, agreement segmenter 150) by this; e.g. 5 for a better demo in "
+                        "about four times the time (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -150,6 +155,12 @@ def _steps(settings: DemoSettings, full: int, quick: int) -> str:
     return str(quick if settings.quick else full)
 
 
+def _train_steps(settings: DemoSettings, full: int, quick: int) -> str:
+    """Step budget of a trained model (autoencoder, DiT, ControlNet, label generator, agreement
+    segmenter), multiplied by ``--train-scale``; the evaluation budgets stay fixed."""
+    return str(quick if settings.quick else max(1, round(full * settings.train_scale)))
+
+
 def _quiet(settings: DemoSettings) -> list[str]:
     return [] if settings.progress else ["--no-progress"]
 
@@ -158,7 +169,7 @@ def stage_autoencoder(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "autoencoder"
     data = state.outputs["prepared dataset"]
     run_command(["autoencoder", "fit", "--config", str(CONFIGS / "autoencoder" / "tiny.yaml"), "--data", str(data),
-                 "--out", str(run), "--max-steps", _steps(settings, 400, 30), "--accelerator", "cpu",
+                 "--out", str(run), "--max-steps", _train_steps(settings, 400, 30), "--accelerator", "cpu",
                  "--precision", "32", *_quiet(settings)])
     run_command(["autoencoder", "eval", "--model", str(run / "model"), "--data", str(data), "--device", "cpu",
                  *_quiet(settings)])
@@ -180,7 +191,7 @@ def stage_encode(settings: DemoSettings, state: DemoState) -> str:
 def stage_dit(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "dit"
     run_command(["dit", "fit", "--config", str(CONFIGS / "dit" / "tiny.yaml"), "--cache",
-                 str(state.outputs["latent cache"]), "--out", str(run), "--max-steps", _steps(settings, 400, 20),
+                 str(state.outputs["latent cache"]), "--out", str(run), "--max-steps", _train_steps(settings, 400, 20),
                  "--accelerator", "cpu"])
     state.outputs["DiT"] = run / "export"
     return "tiny DiT trained on phantom latents with text + metadata conditioning"
@@ -197,7 +208,7 @@ def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
     config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     run_command(["controlnet", "fit", "--dit", str(state.outputs["DiT"]), "--cache", str(state.outputs["latent cache"]),
                  "--config", str(config_file), "--out", str(run),
-                 "--max-steps", _steps(settings, 250, 10), "--accelerator", "cpu"])
+                 "--max-steps", _train_steps(settings, 250, 10), "--accelerator", "cpu"])
     bank = settings.out / "mask_bank"
     run_command(["labels", "bank", "--data", str(state.outputs["prepared dataset"]), "--out", str(bank)])
     state.outputs["ControlNet"] = run / "export"
@@ -208,7 +219,7 @@ def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
 def stage_label_generator(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "label_generator"
     run_command(["labels", "fit", "--config", str(CONFIGS / "labels" / "tiny.yaml"), "--data",
-                 str(state.outputs["prepared dataset"]), "--out", str(run), "--max-steps", _steps(settings, 300, 10),
+                 str(state.outputs["prepared dataset"]), "--out", str(run), "--max-steps", _train_steps(settings, 300, 10),
                  "--accelerator", "cpu"])
     state.outputs["label generator"] = run / "export"
     return "label autoencoder + DiT over its latents trained on the training split's label maps"
@@ -225,7 +236,7 @@ def stage_assemble(settings: DemoSettings, state: DemoState) -> str:
     run_command(["assemble", "--autoencoder", str(state.outputs["autoencoder"]), "--dit", str(state.outputs["DiT"]),
                  "--cache", str(state.outputs["latent cache"]), "--controlnet", str(state.outputs["ControlNet"]),
                  "--bank", str(state.outputs["mask bank"]), "--label-generator", str(state.outputs["label generator"]),
-                 "--data", str(state.outputs["prepared dataset"]), "--segmenter-steps", _steps(settings, 150, 5),
+                 "--data", str(state.outputs["prepared dataset"]), "--segmenter-steps", _train_steps(settings, 150, 5),
                  "--out", str(pipeline)])
     state.outputs["pipeline"] = pipeline
     # New label maps from the label generator, and images made from them by the ControlNet.
@@ -354,15 +365,20 @@ def run(args: argparse.Namespace) -> int:
     num = args.num if args.num is not None else (6 if args.quick else 16)
     if num < 3:
         raise ConfigError(f"--num must be at least 3 (train/val/test splits), got {num}")
+    if not 0.1 <= args.train_scale <= 100:
+        raise ConfigError(f"--train-scale must be between 0.1 and 100, got {args.train_scale}")
+    if args.quick and args.train_scale != 1.0:
+        raise ConfigError("--train-scale cannot be combined with --quick (the smoke run's budgets are fixed)")
     settings = DemoSettings(out=args.out, modality=args.modality, size=args.size, num_cases=num,
                             num_synthetic=4 if args.quick else 8, seed=args.seed, quick=args.quick,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, train_scale=float(args.train_scale))
     start = time.perf_counter()
     state = run_stages(settings)
     total = time.perf_counter() - start
     record = summary_dict(state) | {"total_s": round(total, 1), "settings": {
         "modality": settings.modality, "size": settings.size, "num_cases": settings.num_cases,
-        "num_synthetic": settings.num_synthetic, "seed": settings.seed, "quick": settings.quick}}
+        "num_synthetic": settings.num_synthetic, "seed": settings.seed, "quick": settings.quick,
+        "train_scale": settings.train_scale}}
     write_json_atomic(settings.out / "demo_summary.json", record)
     report = write_demo_report(settings.out, report_sections(settings, state), record)
     print(f"\ndemo finished in {total:.1f} s. What it made:")
