@@ -1,0 +1,31 @@
+"""scripts/bench_lesion_prompt.py: the quick run trains the judge and both models, samples both prompts, writes JSON + md + figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "lesion_prompt_cpu.json").read_text())
+    rows = result["rows"]
+    assert set(rows) == {"lesion_prompt", "no_lesion_prompt"}
+    assert "liver lesion" in rows["lesion_prompt"]["prompt"] and "no lesion" in rows["no_lesion_prompt"]["prompt"]
+    for row in rows.values():
+        assert row["samples"] == 2 == len(row["lesion_voxels"])
+        assert row["with_lesion"] == sum(v >= result["settings"]["min_lesion_voxels"] for v in row["lesion_voxels"])
+    judge = result["judge_on_real_held_out"]
+    # the held-out real phantoms are split by whether they truly carry a lesion (rate 0.5, 30-45 mm)
+    assert judge["with_lesion"]["cases"] >= 1 and judge["without_lesion"]["cases"] >= 1
+    assert judge["with_lesion"]["cases"] + judge["without_lesion"]["cases"] == result["settings"]["held_out"]
+    assert result["lesion_contrast_held_out"]["real"] > 0  # the lesions are darker than the liver
+    assert 0 <= result["fisher_p"] <= 1
+    assert (tmp_path / "figures" / "lesion_prompt_cpu.png").stat().st_size > 5000
+    assert "| `CT abdomen portal venous, liver lesion" in (tmp_path / "lesion_prompt_cpu.md").read_text()
