@@ -147,25 +147,33 @@ def main() -> int:
     recon = reconstruction_dice(gen.autoencoder, encode_labels(gen.autoencoder, cases.arrays), cases.arrays, LABELS)
     liver = np.asarray(train["volumes_ml"]["liver"], dtype=float)
     asked = {}
-    for guidance in (1.0, 4.0):
-        for q in (0.1, 0.9):
-            maps, _ = _sample(gen, 16, 8, 2000, prompts, volume_quantiles={"liver": q}, guidance_scale=guidance)
-            vols = _stats(maps)["volumes_ml"]["liver"]
-            asked[f"liver_q{q}_guidance{guidance:g}"] = {
-                "asked_quantile": q, "guidance_scale": guidance,
-                "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
-                "generated_median_ml": round(float(np.median(vols)), 1),
-                "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))), 3)}
+    # Each attribute is asked twice: with no text (the attribute and the metadata are the only
+    # conditions) and with the training prompts, which state the lesion finding themselves
+    # ("liver lesion 14 mm" / "no lesion") and so may contradict the asked-for count.
+    text_modes = {"no text": [None], "training prompts": prompts}
+    for mode, mode_prompts in text_modes.items():
+        for guidance in (1.0, 4.0):
+            for q in (0.1, 0.9):
+                maps, _ = _sample(gen, 16, 8, 2000, mode_prompts, volume_quantiles={"liver": q},
+                                  guidance_scale=guidance)
+                vols = _stats(maps)["volumes_ml"]["liver"]
+                asked[f"liver_q{q}_guidance{guidance:g}_{mode}"] = {
+                    "asked_quantile": q, "guidance_scale": guidance, "text": mode,
+                    "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
+                    "generated_median_ml": round(float(np.median(vols)), 1),
+                    "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))), 3)}
     lesion_name = "liver_lesion"
     seen = [int(c) for c in train["lesion_counts"].get(lesion_name, [])]
     lesions = {"training_histogram": compare_statistics(train, train)["lesion_counts"][lesion_name]["reference_histogram"]}
-    for count in sorted({0, max(seen)}):
-        maps, _ = _sample(gen, 16, 8, 3000, prompts, lesion_counts={lesion_name: count})
-        got = _stats(maps)["lesion_counts"][lesion_name]
-        lesions[f"asked_{count}"] = {"mean": round(float(np.mean(got)), 3),
-                                     "exact_fraction": round(float(np.mean(np.asarray(got) == count)), 3),
-                                     "histogram": compare_statistics(train, {"volumes_ml": {}, "lesion_counts": {
-                                         lesion_name: got}})["lesion_counts"][lesion_name]["generated_histogram"]}
+    for mode, mode_prompts in text_modes.items():
+        for count in sorted({0, max(seen)}):
+            maps, _ = _sample(gen, 16, 8, 3000, mode_prompts, lesion_counts={lesion_name: count}, guidance_scale=4.0)
+            got = _stats(maps)["lesion_counts"][lesion_name]
+            lesions[f"asked_{count}_{mode}"] = {
+                "asked": count, "text": mode, "guidance_scale": 4.0, "mean": round(float(np.mean(got)), 3),
+                "exact_fraction": round(float(np.mean(np.asarray(got) == count)), 3),
+                "histogram": compare_statistics(train, {"volumes_ml": {}, "lesion_counts": {
+                    lesion_name: got}})["lesion_counts"][lesion_name]["generated_histogram"]}
 
     fit = json.loads((work / "run" / "fit_summary.json").read_text())
     result = {
@@ -229,7 +237,8 @@ def render_markdown(r: dict) -> str:
     lines += ["", "\"real val KS\": the val split's real maps against train, i.e. how far two real samples of "
               "this size already are.", "", "## Attributes", ""]
     for key, row in r["attributes"]["liver_size"].items():
-        lines.append(f"- liver size quantile {row['asked_quantile']} (guidance {row['guidance_scale']}): generated "
+        lines.append(f"- liver size quantile {row['asked_quantile']} ({row.get('text', 'training prompts')}, guidance "
+                     f"{row['guidance_scale']}): generated "
                      f"median {row['generated_median_ml']} mL "
                      f"(training volume at that quantile {row['training_volume_at_quantile_ml']} mL; the generated "
                      f"median sits at training quantile {row['generated_median_as_training_quantile']})")
@@ -237,7 +246,9 @@ def render_markdown(r: dict) -> str:
     lines.append(f"- liver lesions in training maps (count: cases): {les['training_histogram']}")
     for key, row in les.items():
         if key.startswith("asked_"):
-            lines.append(f"- asked for {key[6:]} lesion(s): mean {row['mean']}, exactly {key[6:]} in "
+            lines.append(f"- asked for {row.get('asked', key[6:])} lesion(s) ({row.get('text', 'training prompts')}, "
+                         f"guidance {row.get('guidance_scale', 1.0)}): mean {row['mean']}, exactly "
+                         f"{row.get('asked', key[6:])} in "
                          f"{row['exact_fraction']:.0%} of maps, histogram {row['histogram']}")
     c = r["cost_seconds_per_map"]
     lines += ["", "## Cost per map", "", "| sampler | s / map |", "| --- | --- |",
