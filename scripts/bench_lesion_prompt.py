@@ -142,9 +142,9 @@ def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
     fig.suptitle("text-only samples, same seeds per column; red: the judge's lesion voxels "
                  "(window [-200, 300] HU)", fontsize=9)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    from medsynth.evaluation.figures import save_figure
+
+    save_figure(fig, out_png, dpi=110)
     return out_png
 
 

@@ -29,10 +29,12 @@ def central_slice(volume: np.ndarray, plane: str) -> np.ndarray:
     return np.rot90(np.take(volume, volume.shape[axis] // 2, axis=axis))
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 90) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically (never a half-written file), then close it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -49,7 +51,7 @@ def gallery(real: Sequence[CaseData], synthetic: Sequence[CaseData], path: Path)
                 ax.set_ylabel(f"{kind}\n{case.case_id}", fontsize=7)
             if r == 0:
                 ax.set_title(plane.upper(), fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def histograms(intensity: dict[str, Any], path: Path) -> bool:
@@ -71,7 +73,7 @@ def histograms(intensity: dict[str, Any], path: Path) -> bool:
         ax.axis("off")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"intensity histograms per class ({intensity.get('unit', '')})", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -100,7 +102,7 @@ def metric_intervals(report: dict[str, Any], path: Path) -> bool:
     ax.set_xticks(x, [e[0] for e in entries], fontsize=6)
     ax.set_ylabel("FID")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -121,7 +123,7 @@ def nearest_pairs(memorisation: dict[str, Any], real: Sequence[CaseData], synthe
         flag = " FLAGGED" if pair.get("flagged") else ""
         axes[r, 0].set_ylabel(f"d={pair['distance']:.3g}" + (f"\nr={corr:.3f}" if corr is not None else "") + flag,
                               fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -138,7 +140,7 @@ def distance_histogram(memorisation: dict[str, Any], path: Path) -> bool:
         ax.axvline(memorisation["held_out_p5"], color="r", ls="--", label="held-out 5th pct")
     ax.set_xlabel(f"distance in {memorisation.get('embedding')} embedding")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.evaluation.figures import _save, plt
+from medsynth.evaluation.figures import save_figure, plt
 from medsynth.evaluation.report import _fmt, json_safe
 from medsynth.evaluation.segmentation import MEAN_CLASS
 from medsynth.io.atomic import write_json_atomic, write_text_atomic
@@ -96,7 +96,7 @@ def dice_figure(report: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("Dice (mean over test cases, 95 % CI)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -125,7 +125,7 @@ def gain_figure(report: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("synthetic / real training cases")
     ax.set_ylabel("Dice gain vs real only (95 % CI)")
     ax.legend(fontsize=6, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 

@@ -1,0 +1,34 @@
+"""scripts/bench_conditioning.py on a quick demo: text, mask fidelity (with the autoencoder ceiling), lesion detection, figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "medsynth", "demo", "--quick", "--out", str(demo), "--no-progress"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
+                           "--out", str(out), "--num", "1", "--steps", "2", "--judge-steps", "3"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "conditioning_ct.json").read_text())
+    fidelity = record["mask_fidelity"]
+    assert fidelity["synthetic"] and fidelity["real_ceiling"]
+    # the autoencoder ceiling scores the same held-out classes as the real ceiling
+    assert set(fidelity["autoencoder_ceiling"]) == set(fidelity["real_ceiling"])
+    for row in fidelity["autoencoder_ceiling"].values():
+        assert 0.0 <= row["min"] <= row["mean"] <= 1.0 and row["n"] >= 1
+    assert record["text"]["lesion_prompt"]["num"] == 1 == record["text"]["no_lesion_prompt"]["num"]
+    assert record["segmenter"]["steps"] == 3
+    page = (out / "conditioning_ct.md").read_text()
+    assert "after the autoencoder" in page
+    assert (out / "figures" / "conditioning_ct.png").stat().st_size > 5000
