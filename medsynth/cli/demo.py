@@ -105,8 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="one-minute smoke run: fewer, smaller cases")
     p.add_argument("--train-scale", type=float, default=1.0,
                    help="multiply the training steps of every model (autoencoder 400, DiT 400, ControlNet 250, "
-                        "label generator 300, agreement segmenter 150) by this; e.g. 5 for a better demo in "
-                        "about four times the time (default 1)")
+                        "label generator 300, agreement segmenter 150) by this (default 1); with 40 cases, 5 took "
+                        "39 min on 2 cores against 15 min at 1")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
