@@ -17,7 +17,8 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
-                           "--out", str(out), "--num", "1", "--steps", "2", "--judge-steps", "3"],
+                           "--out", str(out), "--num", "1", "--steps", "2", "--judge-steps", "3",
+                           "--mask-guidance", "1", "4"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "conditioning_ct.json").read_text())
@@ -29,6 +30,10 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
         assert 0.0 <= row["min"] <= row["mean"] <= 1.0 and row["n"] >= 1
     assert record["text"]["lesion_prompt"]["num"] == 1 == record["text"]["no_lesion_prompt"]["num"]
     assert record["segmenter"]["steps"] == 3
+    sweep = record["mask_guidance_sweep"]
+    assert set(sweep) == {"1", "4"}
+    assert all(set(row) <= set(fidelity["real_ceiling"]) | set(fidelity["synthetic"]) for row in sweep.values())
+    assert all(0.0 <= v <= 1.0 for row in sweep.values() for v in row.values())
     page = (out / "conditioning_ct.md").read_text()
-    assert "after the autoencoder" in page
+    assert "after the autoencoder" in page and "| mask guidance |" in page
     assert (out / "figures" / "conditioning_ct.png").stat().st_size > 5000
