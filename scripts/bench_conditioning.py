@@ -16,6 +16,7 @@ Usage::
 
     medsynth demo --out runs/demo_ct                    # (and --modality mr for MR)
     python scripts/bench_conditioning.py --demo runs/demo_ct --out docs/benchmarks --num 8
+    python scripts/bench_conditioning.py --demo runs/demo_ct --num 8 --mask-guidance 1.5 3 5   # + a sweep
 
 Writes ``conditioning_<modality>.json`` / ``.md`` and ``figures/conditioning_<modality>.png``.
 """
@@ -44,9 +45,11 @@ def segmenter_lr() -> float:
     return AGREEMENT_LR
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    total = int(a.sum() + b.sum())
-    return None if total == 0 else float(2 * (a & b).sum() / total)
+def large_class_dice(prediction: np.ndarray, label: np.ndarray, labels: dict, modality: str) -> dict[str, float]:
+    """Dice of each large organ of ``modality`` present in ``label`` (the quality gate's per-class Dice)."""
+    from medsynth.pipelines.quality_gate import dice_per_class
+
+    return dice_per_class(prediction, label, {n: labels[n] for n in LARGE_CLASSES[modality] if n in labels})
 
 
 def text_conditioning(pipe, segmenter, modality: str, num: int, seed: int, steps: int, min_voxels: int,
@@ -104,12 +107,8 @@ def mask_fidelity(dataset, cohort, segmenter, labels: dict, modality: str, pipe=
             label = read_volume(case.label, kind="label").array
             if through_autoencoder:
                 image = autoencoder_round_trip(pipe, image)
-            prediction = segmenter.predict(image)
-            for name in LARGE_CLASSES[modality]:
-                if name in labels and (label == labels[name]).any():
-                    value = dice(prediction == labels[name], label == labels[name])
-                    if value is not None:
-                        per_class.setdefault(name, []).append(value)
+            for name, value in large_class_dice(segmenter.predict(image), label, labels, modality).items():
+                per_class.setdefault(name, []).append(value)
         return {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "n": len(v)} for k, v in per_class.items()}
 
     train = set(dataset.splits.get("train", []))
@@ -126,28 +125,21 @@ def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, sc
     """Mask fidelity when each cohort image is made again from its own mask, prompt and seed
     (``provenance.jsonl``) at each mask guidance scale: ``{scale: {class: mean Dice}}``."""
     from medsynth.io import read_volume
+    from medsynth.io.provenance import read_provenance_file
 
-    provenance = {}
-    for line in (cohort.root / "provenance.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("kind", "image") == "image" and "case_id" in row:
-            provenance[row["case_id"]] = row
+    provenance = read_provenance_file(cohort.root / "provenance.jsonl")
+    # (mask, prompt, seed) of each cohort image, read once for all scales
+    cases = [(read_volume(case.label, kind="label"), provenance[case.case_id])
+             for case in cohort.cases if case.label is not None and case.case_id in provenance]
     out = {}
     for scale in scales:
         per_class: dict[str, list[float]] = {}
-        for case in cohort.cases:
-            row = provenance.get(case.case_id)
-            if case.label is None or row is None:
-                continue
-            mask = read_volume(case.label, kind="label")
+        for mask, row in cases:
             volume = pipe(row.get("prompt"), num_inference_steps=steps, mask=mask, mask_guidance_scale=scale,
                           generator=torch.Generator().manual_seed(int(row.get("seed", 0))))[0]
-            prediction = segmenter.predict(volume.array)
-            for name in LARGE_CLASSES[modality]:
-                if name in labels:
-                    value = dice(prediction == labels[name], np.asarray(mask.array) == labels[name])
-                    if value is not None:
-                        per_class.setdefault(name, []).append(value)
+            scores = large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels, modality)
+            for name, value in scores.items():
+                per_class.setdefault(name, []).append(value)
         out[f"{scale:g}"] = {k: round(float(np.mean(v)), 3) for k, v in per_class.items()}
     return out
 

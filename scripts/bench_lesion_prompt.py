@@ -92,21 +92,11 @@ def lesion_contrast(autoencoder, images: list[np.ndarray], labels: list[np.ndarr
             "reconstruction": round(float(np.mean(recon)), 4) if recon else None}
 
 
-def fit_judge(images: list[np.ndarray], labels: list[np.ndarray], steps: int, num_classes: int):
-    """A SegResNet trained on real ``(image, label)`` pairs in the model range (the agreement segmenter's recipe)."""
-    from medsynth.training.segmentation import AGREEMENT_LR, SegCase, SegmenterConfig, train_segmenter
-
-    config = SegmenterConfig(network="segresnet", patch=32, steps=steps, accelerator="cpu", devices=1,
-                             lr=AGREEMENT_LR)
-    cases = [SegCase(f"case_{i}", "real", img, lab, (1.0, 1.0, 1.0)) for i, (img, lab) in enumerate(zip(images, labels))]
-    return train_segmenter(cases, num_classes, config, seed=0)
-
-
 def lesion_voxels(judge, image: np.ndarray, lesion: int) -> tuple[int, np.ndarray]:
-    """Voxels the judge labels as lesion, and that mask."""
+    """Voxels the judge labels as lesion in a model-range image, and that mask."""
     from medsynth.training.segmentation import predict_volume
 
-    mask = predict_volume(judge, image, 32) == lesion
+    mask = predict_volume(judge.module, image, judge.patch) == lesion
     return int(mask.sum()), mask
 
 
@@ -173,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench_modality import fit_autoencoder, sample, write_cache
 
     from medsynth.data.phantoms import CT_LABELS
+    from medsynth.data.transforms import IntensityMapping
     from medsynth.training.dit import fit_dit, load_dit
+    from medsynth.training.segmentation import fit_agreement_segmenter
 
     lesion, liver = CT_LABELS["liver_lesion"], CT_LABELS["liver"]
-    num_classes = max(CT_LABELS.values()) + 1
     with tempfile.TemporaryDirectory(prefix="medsynth_lesion_prompt_") as tmp:
         work = Path(tmp)
         images, labels, records, splits = phantom_cases(work, args.num, args.size, args.lesion_rate,
@@ -186,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         train_images = [images[i] for i in train]
         timings = {}
         t0 = time.perf_counter()
-        judge = fit_judge(train_images, [labels[i] for i in train], args.judge_steps, num_classes)
+        # the quality gate's agreement segmenter (SegResNet), trained on the real training phantoms
+        judge = fit_agreement_segmenter(list(zip(train_images, [labels[i] for i in train])), CT_LABELS,
+                                        IntensityMapping.ct_window(tuple(args.window)), args.judge_steps,
+                                        accelerator="cpu")
         timings["judge"] = round(time.perf_counter() - t0, 1)
         judge_rows = {"with_lesion": [0, 0], "without_lesion": [0, 0]}
         for i in held:

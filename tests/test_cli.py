@@ -142,8 +142,8 @@ def test_demo_data_stages_and_report(tmp_path: Path) -> None:
     assert "phantoms" in page and "prepared" in page and "<a href='prepared'" in page
 
 
-def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import medsynth.cli.demo as demo
 
     seen: list[list[str]] = []
@@ -157,14 +157,11 @@ def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path,
 
     settings = demo.DemoSettings(out=tmp_path / "demo", train_scale=2.5, progress=False)
     state = demo.DemoState(outputs={"prepared dataset": tmp_path, "latent cache": tmp_path, "DiT": tmp_path})
-    original = demo.run_command
-    demo.run_command = record
-    try:
-        for stage in (demo.stage_autoencoder, demo.stage_dit):
-            with pytest.raises(Stop):
-                stage(settings, state)
-    finally:
-        demo.run_command = original
+    monkeypatch.setattr(demo, "run_command", record)
+    for stage in (demo.stage_autoencoder, demo.stage_dit):
+        with pytest.raises(Stop):
+            stage(settings, state)
+    monkeypatch.undo()
     budgets = [argv[argv.index("--max-steps") + 1] for argv in seen]
     assert budgets == ["1000", "1000"]  # 400 x 2.5 each
     assert demo._train_steps(demo.DemoSettings(out=tmp_path, quick=True, train_scale=3.0), 400, 30) == "30"

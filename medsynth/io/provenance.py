@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from medsynth.errors import ConfigError
@@ -103,3 +104,23 @@ def provenance_text(record: Mapping[str, Any], limit: int) -> str:
         longest = max(optional, key=lambda k: len(json.dumps(items[k])))
         dropped.append(longest)
         del items[longest]
+
+
+def read_provenance_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A dataset's ``provenance.jsonl`` as ``{case id: record}``; no file gives ``{}``.
+
+    Unparseable lines and lines without a ``case_id`` are dropped (a resumed ``generate``
+    rewrites the file without them).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "case_id" in record:
+                out[str(record["case_id"])] = record
+    return out
+

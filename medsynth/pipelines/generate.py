@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from medsynth.data.manifest import Dataset
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.atomic import write_text_atomic
-from medsynth.io.provenance import provenance_record
+from medsynth.io.provenance import provenance_record, read_provenance_file
 from medsynth.io.volume import Volume, VolumeMetadata
 from medsynth.pipelines.case_output import dicom_complete, placeholder_label, write_case_dicom
 from medsynth.pipelines.pipeline import MedSynthPipeline
@@ -171,20 +171,6 @@ class GenerationSettings:
                 "size": None if self.size is None else list(self.size),
                 "spacing": None if self.spacing is None else list(self.spacing),
                 "metadata": dict(self.metadata)}
-
-
-def _read_provenance(path: Path) -> dict[str, dict[str, Any]]:
-    """Existing provenance lines by case id (unparseable lines are dropped and rewritten)."""
-    out: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "case_id" in record:
-                out[str(record["case_id"])] = record
-    return out
 
 
 def _write_provenance(path: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -345,7 +331,7 @@ def plan_masks(pipeline: MedSynthPipeline, settings: GenerationSettings) -> Mask
 
 def skipped_cases(out_dir: str | Path) -> list[str]:
     """Cases of a generated folder skipped because they failed the quality gate."""
-    return sorted(k for k, r in _read_provenance(Path(out_dir) / PROVENANCE_FILE).items() if r.get("skipped"))
+    return sorted(k for k, r in read_provenance_file(Path(out_dir) / PROVENANCE_FILE).items() if r.get("skipped"))
 
 
 def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: GenerationSettings,
@@ -408,7 +394,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
                            channel_names={"0": pipeline.modality}, extra_json={"medsynth": block})
     dicom = settings.format in ("dicom", "both")
     prov_path = out / PROVENANCE_FILE
-    provenance = _read_provenance(prov_path)
+    provenance = read_provenance_file(prov_path)
     changed = False
     image_dtype = "int16" if pipeline.modality == "CT" else "float32"
     for index in tqdm(range(settings.num), desc="generate", unit="case", disable=not progress):
