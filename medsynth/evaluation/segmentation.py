@@ -24,7 +24,6 @@ Protocol (docs/segmentation_benchmark.md has the full text):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -247,15 +246,10 @@ def mask_sources(synthetic: Dataset) -> dict[str, str]:
 
     for case in synthetic.cases:
         visit(case.case_id, case.metadata)
-    path = synthetic.root / "provenance.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                visit(str(record.get("case_id", "?")), record)
+    from medsynth.io.provenance import iter_provenance_records
+
+    for record in iter_provenance_records(synthetic.root / "provenance.jsonl"):
+        visit(str(record.get("case_id", "?")), record)
     return found
 
 

@@ -15,7 +15,7 @@ from. Writers use the same words everywhere:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -106,21 +106,25 @@ def provenance_text(record: Mapping[str, Any], limit: int) -> str:
         del items[longest]
 
 
+def iter_provenance_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every JSON object line of a ``provenance.jsonl`` (none when the file is absent); unparseable
+    lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
 def read_provenance_file(path: str | Path) -> dict[str, dict[str, Any]]:
     """A dataset's ``provenance.jsonl`` as ``{case id: record}``; no file gives ``{}``.
 
     Unparseable lines and lines without a ``case_id`` are dropped (a resumed ``generate``
     rewrites the file without them).
     """
-    out: dict[str, dict[str, Any]] = {}
-    path = Path(path)
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "case_id" in record:
-                out[str(record["case_id"])] = record
-    return out
-
+    return {str(r["case_id"]): r for r in iter_provenance_records(path) if "case_id" in r}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medsynth.io.provenance import read_provenance_file
+from medsynth.io.provenance import iter_provenance_records, read_provenance_file
 
 
 def test_reads_records_by_case_id_and_drops_broken_lines(tmp_path: Path) -> None:
@@ -15,3 +15,6 @@ def test_reads_records_by_case_id_and_drops_broken_lines(tmp_path: Path) -> None
     records = read_provenance_file(path)
     assert records == {"a": {"case_id": "a", "seed": 1}, "b": {"case_id": "b", "prompt": "CT"}}
     assert read_provenance_file(tmp_path / "absent.jsonl") == {}
+    # the leak check scans every record, with or without a case id
+    assert [r.get("case_id") for r in iter_provenance_records(path)] == ["a", None, "b"]
+    assert list(iter_provenance_records(tmp_path / "absent.jsonl")) == []
