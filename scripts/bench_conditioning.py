@@ -144,6 +144,40 @@ def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, sc
     return out
 
 
+def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str, num: int, scales: list,
+                           steps: int, seed: int) -> dict:
+    """Paired mask fidelity on masks the models never saw: for each labelled held-out real case
+    (val + test, at most ``num``), an image is generated from its label map with its own prompt,
+    sex and age, and the judge's Dice on it is set beside the judge's Dice on the real image of
+    the same mask (the ceiling, case by case). ``scales``: mask guidance scales (None: the
+    ControlNet's default)."""
+    from medsynth.io import read_volume
+
+    train = set(dataset.splits.get("train", []))
+    cases = [c for c in dataset.cases if c.case_id not in train and c.label is not None][:num]
+    real: dict[str, list[float]] = {}
+    masks = []
+    for case in cases:
+        mask = read_volume(case.label, kind="label")
+        masks.append((case, mask))
+        for name, value in large_class_dice(segmenter.predict(read_volume(case.image).array), np.asarray(mask.array),
+                                            labels, modality).items():
+            real.setdefault(name, []).append(value)
+    out = {"cases": len(cases), "real": {k: round(float(np.mean(v)), 3) for k, v in real.items()}, "synthetic": {}}
+    for scale in scales:
+        synthetic: dict[str, list[float]] = {}
+        for index, (case, mask) in enumerate(masks):
+            meta = {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}
+            volume = pipe(case.prompt or None, num_inference_steps=steps, mask=mask, mask_guidance_scale=scale,
+                          metadata=meta, generator=torch.Generator().manual_seed(seed + index))[0]
+            for name, value in large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels,
+                                                modality).items():
+                synthetic.setdefault(name, []).append(value)
+        key = "default" if scale is None else f"{scale:g}"
+        out["synthetic"][key] = {k: round(float(np.mean(v)), 3) for k, v in synthetic.items()}
+    return out
+
+
 def lesion_detection(cohort, segmenter, lesion_value: int, spacing_of) -> dict:
     """Detection of each conditioned lesion (connected component) by its equivalent diameter."""
     from medsynth.io import read_volume
@@ -211,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-guidance", type=float, nargs="*", default=[],
                         help="also remake the cohort images from their own masks, prompts and seeds at each of these "
                              "mask guidance scales and score them (e.g. 1.5 3 5)")
+    parser.add_argument("--pipeline", type=Path, default=None,
+                        help="score this pipeline folder instead of the demo's own (e.g. one assembled with another "
+                             "ControlNet); the cohort columns still show the demo's cohort images")
+    parser.add_argument("--held-out-masks", type=int, default=0,
+                        help="also generate from up to N held-out real label maps (val + test) and compare, mask by "
+                             "mask, with the judge on the real images of the same masks")
+    parser.add_argument("--judge-dir", type=Path, default=None,
+                        help="keep the trained judge here and reuse it when it is already there (same demo, same "
+                             "--judge-steps), so several pipelines are scored by one judge")
     parser.add_argument("--judge-steps", type=int, default=2000,
                         help="train the judge (SegResNet) this long on the real training split; 0: use the "
                              "pipeline's own quality-gate segmenter (the demo trains it briefly)")
@@ -225,8 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     summary = json.loads((args.demo / "demo_summary.json").read_text())
     modality = summary["settings"]["modality"]
-    pipe = MedSynthPipeline.from_pretrained(args.demo / "pipeline", device="cpu")
-    if args.judge_steps > 0:
+    pipe = MedSynthPipeline.from_pretrained(args.pipeline or args.demo / "pipeline", device="cpu")
+    if args.judge_steps > 0 and args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
+        from medsynth.training.segmentation import load_agreement_segmenter
+
+        segmenter = load_agreement_segmenter(args.judge_dir)
+        if segmenter.steps != args.judge_steps:
+            sys.exit(f"--judge-dir {args.judge_dir} holds a judge trained {segmenter.steps} steps, not "
+                     f"--judge-steps {args.judge_steps}; give another folder")
+        judge = {"kind": "segresnet", "steps": segmenter.steps, "trained_on": "real train split", "lr": segmenter_lr(),
+                 "loaded_from": str(args.judge_dir)}
+    elif args.judge_steps > 0:
         from medsynth.data.transforms import IntensityMapping
         from medsynth.pipelines.assemble import training_pairs
         from medsynth.training.segmentation import fit_agreement_segmenter
@@ -236,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(pipe.record["intensity"]),
                                             args.judge_steps, patch=32, seed=0, accelerator="cpu")
         judge = {"kind": "segresnet", "steps": args.judge_steps, "trained_on": "real train split", "lr": segmenter_lr()}
+        if args.judge_dir is not None:
+            from medsynth.training.segmentation import save_agreement_segmenter
+
+            save_agreement_segmenter(args.judge_dir, segmenter)
     else:
         if pipe.quality is None or pipe.quality.get("segmenter", {}).get("kind") != "segresnet":
             sys.exit("the demo's pipeline has no trained agreement segmenter (assemble --segmenter-steps > 0)")
@@ -248,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     head = "CT abdomen portal venous" if modality == "ct" else "MR head T1"
     prompt_lesion = f"{head}, {lesion_words} 30 mm" if modality == "ct" else f"{head}, {lesion_words} 30 mm with oedema"
 
-    record = {"demo": str(args.demo), "modality": modality, "size": summary["settings"]["size"],
+    record = {"demo": str(args.demo), "pipeline": str(args.pipeline or args.demo / "pipeline"), "modality": modality,
+              "size": summary["settings"]["size"],
               "segmenter": judge, "steps": args.steps, "seed": args.seed,
               "min_lesion_voxels": args.min_lesion_voxels,
               "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -262,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mask_guidance:
         record["mask_guidance_sweep"] = mask_guidance_sweep(pipe, cohort, segmenter, pipe.labels, modality,
                                                             args.mask_guidance, args.steps)
+    if args.held_out_masks > 0:
+        record["held_out_masks"] = held_out_mask_fidelity(pipe, dataset, segmenter, pipe.labels, modality,
+                                                          args.held_out_masks, args.mask_guidance or [None],
+                                                          args.steps, args.seed)
     with_mask = next(c for c in cohort.cases if c.label is not None)
     figure = steering_figure(pipe, read_volume(with_mask.label, kind="label"), prompt_lesion, args.seed, args.steps,
                              args.out / "figures" / f"conditioning_{modality}.png")
@@ -309,6 +370,18 @@ def render(r: dict, figure: Path) -> str:
                   "| mask guidance | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for scale, row in sweep.items():
             lines.append(f"| {scale} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in names) + " |")
+    held = r.get("held_out_masks")
+    if held:
+        names = list(held["real"])
+        lines += ["", "## Mask fidelity on held-out masks (paired)", "",
+                  f"An image generated from each of {held['cases']} held-out real label maps (val + test: masks no "
+                  "model was trained on) with that case's prompt, sex and age; the judge's mean Dice against the "
+                  "mask, beside the judge on the real images of the same masks.", "",
+                  "| images | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                  "| real (ceiling) | " + " | ".join(f"{held['real'][n]:.3f}" for n in names) + " |"]
+        for scale, row in held["synthetic"].items():
+            label = "synthetic, default mask guidance" if scale == "default" else f"synthetic, mask guidance {scale}"
+            lines.append(f"| {label} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in names) + " |")
     lines += ["", "## Lesion detection by size (cohort lesions)", "", "| diameter | detected / lesions | rate |",
               "|---|---|---|"]
     for key, v in r["lesion_detection"].items():

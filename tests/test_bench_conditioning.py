@@ -18,7 +18,8 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
                            "--out", str(out), "--num", "1", "--steps", "2", "--judge-steps", "3",
-                           "--mask-guidance", "1", "4"],
+                           "--mask-guidance", "1", "4", "--held-out-masks", "2",
+                           "--judge-dir", str(tmp_path / "judge")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "conditioning_ct.json").read_text())
@@ -37,3 +38,21 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     page = (out / "conditioning_ct.md").read_text()
     assert "after the autoencoder" in page and "| mask guidance |" in page
     assert (out / "figures" / "conditioning_ct.png").stat().st_size > 5000
+    # held-out masks: paired real and synthetic Dice over the same classes, at each mask guidance scale
+    held = record["held_out_masks"]
+    assert held["cases"] == 2 and set(held["synthetic"]) == {"1", "4"}
+    assert all(set(row) <= set(held["real"]) and all(0.0 <= v <= 1.0 for v in row.values())
+               for row in held["synthetic"].values())
+    assert "held-out masks (paired)" in page
+
+    # a second pipeline folder scored by the same judge: it is loaded, not trained again
+    again = tmp_path / "bench2"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
+                           "--pipeline", str(demo / "pipeline"), "--out", str(again), "--num", "1", "--steps", "2",
+                           "--judge-steps", "3", "--judge-dir", str(tmp_path / "judge")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads((again / "conditioning_ct.json").read_text())
+    assert second["segmenter"]["loaded_from"] == str(tmp_path / "judge")
+    # the same judge on the same real images gives the same ceiling
+    assert second["mask_fidelity"]["real_ceiling"] == fidelity["real_ceiling"]
