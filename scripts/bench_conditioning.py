@@ -131,17 +131,22 @@ def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, sc
     # (mask, prompt, seed) of each cohort image, read once for all scales
     cases = [(read_volume(case.label, kind="label"), provenance[case.case_id])
              for case in cohort.cases if case.label is not None and case.case_id in provenance]
-    out = {}
-    for scale in scales:
-        per_class: dict[str, list[float]] = {}
-        for mask, row in cases:
-            volume = pipe(row.get("prompt"), num_inference_steps=steps, mask=mask, mask_guidance_scale=scale,
-                          generator=torch.Generator().manual_seed(int(row.get("seed", 0))))[0]
-            scores = large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels, modality)
-            for name, value in scores.items():
-                per_class.setdefault(name, []).append(value)
-        out[f"{scale:g}"] = {k: round(float(np.mean(v)), 3) for k, v in per_class.items()}
-    return out
+    jobs = [(mask, row.get("prompt"), None, int(row.get("seed", 0))) for mask, row in cases]
+    return {f"{scale:g}": remade_fidelity(pipe, jobs, segmenter, labels, modality, scale, steps) for scale in scales}
+
+
+def remade_fidelity(pipe, jobs: list, segmenter, labels: dict, modality: str, scale: float | None,
+                    steps: int) -> dict[str, float]:
+    """Generate one image per ``(mask, prompt, metadata, seed)`` job at mask guidance ``scale``
+    (None: the ControlNet's default) and return the judge's mean Dice per large class."""
+    per_class: dict[str, list[float]] = {}
+    for mask, prompt, metadata, seed in jobs:
+        volume = pipe(prompt, num_inference_steps=steps, mask=mask, mask_guidance_scale=scale, metadata=metadata,
+                      generator=torch.Generator().manual_seed(seed))[0]
+        for name, value in large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels,
+                                            modality).items():
+            per_class.setdefault(name, []).append(value)
+    return {k: round(float(np.mean(v)), 3) for k, v in per_class.items()}
 
 
 def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str, num: int, scales: list,
@@ -164,17 +169,12 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
                                             labels, modality).items():
             real.setdefault(name, []).append(value)
     out = {"cases": len(cases), "real": {k: round(float(np.mean(v)), 3) for k, v in real.items()}, "synthetic": {}}
+    jobs = [(mask, case.prompt or None,
+             {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}, seed + index)
+            for index, (case, mask) in enumerate(masks)]
     for scale in scales:
-        synthetic: dict[str, list[float]] = {}
-        for index, (case, mask) in enumerate(masks):
-            meta = {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}
-            volume = pipe(case.prompt or None, num_inference_steps=steps, mask=mask, mask_guidance_scale=scale,
-                          metadata=meta, generator=torch.Generator().manual_seed(seed + index))[0]
-            for name, value in large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels,
-                                                modality).items():
-                synthetic.setdefault(name, []).append(value)
         key = "default" if scale is None else f"{scale:g}"
-        out["synthetic"][key] = {k: round(float(np.mean(v)), 3) for k, v in synthetic.items()}
+        out["synthetic"][key] = remade_fidelity(pipe, jobs, segmenter, labels, modality, scale, steps)
     return out
 
 
