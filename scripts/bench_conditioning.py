@@ -29,6 +29,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,9 +75,7 @@ def real_judge(dataset, segmenter, lesion_value: int, min_voxels: int) -> dict:
     from medsynth.io import read_volume
 
     rows = {"with_lesion": [0, 0], "without_lesion": [0, 0]}
-    for case in dataset.cases:
-        if case.case_id in set(dataset.splits.get("train", [])):
-            continue
+    for case in held_out_cases(dataset):
         label = read_volume(case.label, kind="label").array
         image = read_volume(case.image).array
         fired = int((segmenter.predict(image) == lesion_value).sum()) >= min_voxels
@@ -94,29 +93,41 @@ def autoencoder_round_trip(pipe, image: np.ndarray) -> np.ndarray:
     return np.asarray(pipe.intensity.inverse(decoded), np.float32)
 
 
+def held_out_cases(dataset) -> list:
+    """The labelled real cases outside the training split (val + test), in id order."""
+    train = set(dataset.splits.get("train", []))
+    return [c for c in dataset.cases if c.case_id not in train and c.label is not None]
+
+
+def judged_dice(cases, segmenter, labels: dict, modality: str, pipe=None) -> dict[str, list[float]]:
+    """The judge's Dice per large class on each case's image against its own label map; with
+    ``pipe``, on the image after the pipeline's autoencoder. ``{class: [Dice per case]}``."""
+    from medsynth.io import read_volume
+
+    per_class: dict[str, list[float]] = {}
+    for case in cases:
+        image = read_volume(case.image).array
+        label = read_volume(case.label, kind="label").array
+        if pipe is not None:
+            image = autoencoder_round_trip(pipe, image)
+        for name, value in large_class_dice(segmenter.predict(image), label, labels, modality).items():
+            per_class.setdefault(name, []).append(value)
+    return per_class
+
+
 def mask_fidelity(dataset, cohort, segmenter, labels: dict, modality: str, pipe=None) -> dict:
     """Per-class Dice on generated cohort images vs their masks, on real held-out images (ceiling)
     and, with ``pipe``, on the real held-out images after the pipeline's autoencoder (the ceiling
     of anything decoded from its latents)."""
-    from medsynth.io import read_volume
-
-    def score(cases, through_autoencoder: bool = False) -> dict:
-        per_class: dict[str, list[float]] = {}
-        for case in cases:
-            image = read_volume(case.image).array
-            label = read_volume(case.label, kind="label").array
-            if through_autoencoder:
-                image = autoencoder_round_trip(pipe, image)
-            for name, value in large_class_dice(segmenter.predict(image), label, labels, modality).items():
-                per_class.setdefault(name, []).append(value)
+    def score(cases, through: Any = None) -> dict:
+        per_class = judged_dice(cases, segmenter, labels, modality, through)
         return {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "n": len(v)} for k, v in per_class.items()}
 
-    train = set(dataset.splits.get("train", []))
-    held_out = [c for c in dataset.cases if c.case_id not in train and c.label is not None]
+    held_out = held_out_cases(dataset)
     out = {"synthetic": score([c for c in cohort.cases if c.label is not None]), "real_ceiling": score(held_out),
            "real_cases": len(held_out), "synthetic_cases": len(cohort.cases)}
     if pipe is not None:
-        out["autoencoder_ceiling"] = score(held_out, through_autoencoder=True)
+        out["autoencoder_ceiling"] = score(held_out, through=pipe)
     return out
 
 
@@ -158,17 +169,10 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     ControlNet's default)."""
     from medsynth.io import read_volume
 
-    train = set(dataset.splits.get("train", []))
-    cases = [c for c in dataset.cases if c.case_id not in train and c.label is not None][:num]
-    real: dict[str, list[float]] = {}
-    masks = []
-    for case in cases:
-        mask = read_volume(case.label, kind="label")
-        masks.append((case, mask))
-        for name, value in large_class_dice(segmenter.predict(read_volume(case.image).array), np.asarray(mask.array),
-                                            labels, modality).items():
-            real.setdefault(name, []).append(value)
+    cases = held_out_cases(dataset)[:num]
+    real = judged_dice(cases, segmenter, labels, modality)
     out = {"cases": len(cases), "real": {k: round(float(np.mean(v)), 3) for k, v in real.items()}, "synthetic": {}}
+    masks = [(case, read_volume(case.label, kind="label")) for case in cases]
     jobs = [(mask, case.prompt or None,
              {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}, seed + index)
             for index, (case, mask) in enumerate(masks)]
@@ -252,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also generate from up to N held-out real label maps (val + test) and compare, mask by "
                              "mask, with the judge on the real images of the same masks")
     parser.add_argument("--judge-dir", type=Path, default=None,
-                        help="keep the trained judge here and reuse it when it is already there (same demo, same "
-                             "--judge-steps), so several pipelines are scored by one judge")
+                        help="keep the trained judge here and reuse it when it is already there (trained on the same "
+                             "demo's training split for the same --judge-steps; anything else is refused), so several "
+                             "pipelines are scored by one judge")
     parser.add_argument("--judge-steps", type=int, default=2000,
                         help="train the judge (SegResNet) this long on the real training split; 0: use the "
                              "pipeline's own quality-gate segmenter (the demo trains it briefly)")
@@ -269,13 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((args.demo / "demo_summary.json").read_text())
     modality = summary["settings"]["modality"]
     pipe = MedSynthPipeline.from_pretrained(args.pipeline or args.demo / "pipeline", device="cpu")
-    if args.judge_steps > 0 and args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
+    if args.judge_dir is not None and args.judge_steps <= 0:
+        sys.exit("--judge-dir keeps a judge trained with --judge-steps > 0; with --judge-steps 0 the pipeline's own "
+                 "segmenter is used and there is nothing to keep")
+    # what a kept judge must have been trained on to be reused
+    trained_on = {"data": str((args.demo / "prepared").resolve()), "split": "train", "steps": args.judge_steps}
+    if args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
         from medsynth.training.segmentation import load_agreement_segmenter
 
+        kept = json.loads((args.judge_dir / "trained_on.json").read_text()) \
+            if (args.judge_dir / "trained_on.json").is_file() else None
+        if kept != trained_on:
+            sys.exit(f"--judge-dir {args.judge_dir} holds a judge trained on {kept}, not on {trained_on}; "
+                     "give another folder")
         segmenter = load_agreement_segmenter(args.judge_dir)
-        if segmenter.steps != args.judge_steps:
-            sys.exit(f"--judge-dir {args.judge_dir} holds a judge trained {segmenter.steps} steps, not "
-                     f"--judge-steps {args.judge_steps}; give another folder")
         judge = {"kind": "segresnet", "steps": segmenter.steps, "trained_on": "real train split", "lr": segmenter_lr(),
                  "loaded_from": str(args.judge_dir)}
     elif args.judge_steps > 0:
@@ -292,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             from medsynth.training.segmentation import save_agreement_segmenter
 
             save_agreement_segmenter(args.judge_dir, segmenter)
+            (args.judge_dir / "trained_on.json").write_text(json.dumps(trained_on))
     else:
         if pipe.quality is None or pipe.quality.get("segmenter", {}).get("kind") != "segresnet":
             sys.exit("the demo's pipeline has no trained agreement segmenter (assemble --segmenter-steps > 0)")

@@ -56,3 +56,11 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert second["segmenter"]["loaded_from"] == str(tmp_path / "judge")
     # the same judge on the same real images gives the same ceiling
     assert second["mask_fidelity"]["real_ceiling"] == fidelity["real_ceiling"]
+
+    # a kept judge trained for another budget is refused, not silently reused
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
+                           "--out", str(tmp_path / "bench3"), "--num", "1", "--steps", "2",
+                           "--judge-steps", "4", "--judge-dir", str(tmp_path / "judge")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "give another folder" in proc.stderr
+    assert not (tmp_path / "bench3" / "conditioning_ct.json").exists()
