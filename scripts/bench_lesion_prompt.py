@@ -52,7 +52,7 @@ NONE_PROMPT = "CT abdomen portal venous, no lesion, female, 60"
 
 
 def phantom_cases(root: Path, num: int, size: int, lesion_rate: float, lesion_size: tuple[float, float],
-                  window: tuple[float, float]) -> tuple[list[np.ndarray], list[np.ndarray], list[dict], list[str]]:
+                  window: tuple[float, float], noise: str = "fixed") -> tuple[list[np.ndarray], list[np.ndarray], list[dict], list[str]]:
     """Images in the window's model range, label maps, (prompt, metadata) records and split names."""
     from medsynth.data.manifest import read_dataset
     from medsynth.data.phantom_dataset import write_phantom_dataset
@@ -60,7 +60,7 @@ def phantom_cases(root: Path, num: int, size: int, lesion_rate: float, lesion_si
     from medsynth.io import read_volume
 
     dataset = write_phantom_dataset(root / "ct", modality="ct", num=num, size=size, seed=0, lesion_rate=lesion_rate,
-                                    lesion_size_mm=lesion_size, progress=False)
+                                    lesion_size_mm=lesion_size, progress=False, noise=noise)
     dataset = read_dataset(dataset.root)
     mapping = IntensityMapping.ct_window(window)
     split_of = {cid: name for name in ("train", "val", "test") for cid in dataset.splits.get(name, [])}
@@ -154,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (rectified flow, Euler)")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--min-lesion-voxels", type=int, default=3)
+    parser.add_argument("--noise", choices=("fixed", "scanner"), default="fixed",
+                        help="phantom noise model (medsynth phantoms --noise); results of 'scanner' are "
+                             "written as lesion_prompt_cpu_scanner_noise.*, beside the default's")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
+    command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
+    stem = "lesion_prompt_cpu" + ("_scanner_noise" if args.noise == "scanner" else "")
     if args.quick:
         args.num, args.ae_steps, args.dit_steps, args.judge_steps, args.samples, args.steps = 8, 4, 4, 4, 2, 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medsynth_lesion_prompt_") as tmp:
         work = Path(tmp)
         images, labels, records, splits = phantom_cases(work, args.num, args.size, args.lesion_rate,
-                                                        tuple(args.lesion_size), tuple(args.window))
+                                                        tuple(args.lesion_size), tuple(args.window), args.noise)
         train = [i for i, s in enumerate(splits) if s == "train"]
         held = [i for i, s in enumerate(splits) if s != "train"]
         train_images = [images[i] for i in train]
@@ -212,19 +217,19 @@ def main(argv: list[str] | None = None) -> int:
             rows[key] = {"prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
                          "rate": hits / len(volumes), "lesion_voxels": counts,
                          "volumes": volumes, "masks": [m for _, m in judged]}
-    png = figure(rows, args.out / "figures" / "lesion_prompt_cpu.png")
+    png = figure(rows, args.out / "figures" / f"{stem}.png")
     lesion_row, none_row = rows["lesion_prompt"], rows["no_lesion_prompt"]
     train_lesion = sum(bool((labels[i] == lesion).any()) for i in train)
     result = {
         "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "platform": platform.platform()},
-        "command": "python scripts/bench_lesion_prompt.py" + (" --quick" if args.quick else ""),
+        "command": command,
         "settings": {"phantoms": args.num, "train": len(train), "held_out": len(held),
                      "train_with_lesion": int(train_lesion), "size": args.size, "lesion_rate": args.lesion_rate,
                      "lesion_size_mm": list(args.lesion_size), "window_hu": list(args.window),
                      "autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps,
                      "judge_steps": args.judge_steps, "sampling_steps": args.steps, "guidance": args.guidance,
-                     "min_lesion_voxels": args.min_lesion_voxels,
+                     "min_lesion_voxels": args.min_lesion_voxels, "phantom_noise": args.noise,
                      "autoencoder": "configs/autoencoder/tiny.yaml", "dit": "configs/dit/tiny.yaml"},
         "train_seconds": timings,
         "judge_on_real_held_out": {k: {"fired": f, "cases": n} for k, (f, n) in judge_rows.items()},
@@ -236,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lesion_prompt_cpu.json").write_text(json.dumps(result, indent=2))
-    (args.out / "lesion_prompt_cpu.md").write_text(render(result, png.relative_to(args.out)))
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(render(result, png.relative_to(args.out)))
     print(render(result, png))
     return 0
 
@@ -248,7 +253,8 @@ def render(r: dict, figure_path: Path) -> str:
              f"Command: `{r['command']}`. Machine: {r['machine']}.", "",
              f"{s['phantoms']} CT phantoms at {s['size']}^3 ({s['train']} train, {s['train_with_lesion']} of them with "
              f"lesions; {s['held_out']} held out), lesion rate {s['lesion_rate']}, lesions "
-             f"{s['lesion_size_mm'][0]:g}-{s['lesion_size_mm'][1]:g} mm, CT window {s['window_hu']} HU -> [-1, 1]. "
+             f"{s['lesion_size_mm'][0]:g}-{s['lesion_size_mm'][1]:g} mm, phantom noise "
+             f"'{s.get('phantom_noise', 'fixed')}', CT window {s['window_hu']} HU -> [-1, 1]. "
              f"Tiny VQ-GAN ({s['autoencoder_steps']} steps, {r['train_seconds']['autoencoder']} s) and tiny DiT "
              f"({s['dit_steps']} steps, {r['train_seconds']['dit']} s) trained on the training cases' own prompts; "
              "the metadata (modality, region, spacing) says nothing about lesions. "

@@ -87,6 +87,23 @@ def test_phantoms_lesion_size_is_used_and_recorded(capsys: pytest.CaptureFixture
     assert code != 0 and "error" in err.lower()
 
 
+def test_phantoms_scanner_noise_is_used_and_recorded(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "quiet"
+    code, _, _ = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "3", "--size", "32", "--out", str(out),
+                         "--noise", "scanner", "--no-progress")
+    assert code == 0
+    assert json.loads((out / "dataset.json").read_text())["medsynth"]["phantoms"]["noise"] == "scanner"
+    cases = read_dataset(out).cases
+    assert all(c.metadata["noise_model"] == "scanner" and c.metadata["noise_sd"] < 1.0 for c in cases)
+    # a rerun asking for the default noise is another dataset: refused
+    code, _, err = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "3", "--size", "32", "--out", str(out),
+                           "--no-progress")
+    assert code != 0 and "error" in err.lower()
+    with pytest.raises(SystemExit):  # argparse's usage error, naming the valid choices
+        run_cli(capsys, "phantoms", "--modality", "ct", "--num", "3", "--out", str(out), "--noise", "loud")
+    assert "'loud'" in capsys.readouterr().err
+
+
 def test_phantoms_rerun_is_a_no_op(ct_phantoms: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in ct_phantoms.rglob("*") if p.is_file()}
     code, out, _ = run_cli(capsys, "phantoms", "--modality", "ct", "--num", "6", "--size", "16",

@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lesion-size", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="lesion (CT) / tumour core (MR) diameter range in mm, drawn log-uniformly "
                         "(default CT 5 30, MR 8 35; never under two voxels across)")
+    p.add_argument("--noise", choices=("fixed", "scanner"), default="fixed",
+                   help="noise model: 'fixed' draws the noise SD per voxel at any grid (default); "
+                        "'scanner' draws it for 1 mm^3 voxels and scales it with the voxel volume as a "
+                        "scanner would (CT 1/sqrt(V), MR 1/V), so coarse grids are nearly noise-free")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_phantoms)
 
@@ -67,7 +71,8 @@ def run_phantoms(args: argparse.Namespace) -> int:
 
     dataset = write_phantom_dataset(args.out, modality=args.modality, num=args.num, size=args.size,
                                     seed=args.seed, lesion_rate=args.lesion_rate,
-                                    progress=not args.no_progress, lesion_size_mm=args.lesion_size)
+                                    progress=not args.no_progress, lesion_size_mm=args.lesion_size,
+                                    noise=args.noise)
     n_lesion = sum(1 for c in dataset.cases if c.metadata.get("has_lesion"))
     print(f"wrote {len(dataset.cases)} {args.modality.upper()} phantoms ({n_lesion} with a lesion) "
           f"to {dataset.root}")

@@ -42,7 +42,7 @@ def phantom_splits(num: int, seed: int, lesion_rate: float) -> dict[str, list[st
 
 def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int = 64, seed: int = 0,
                           lesion_rate: float = 0.15, progress: bool = True,
-                          lesion_size_mm: Sequence[float] | None = None) -> Dataset:
+                          lesion_size_mm: Sequence[float] | None = None, noise: str = "fixed") -> Dataset:
     """Generate ``num`` phantoms into the dataset folder ``out`` and return it, read back.
 
     Args:
@@ -55,6 +55,8 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
         progress: show a progress bar.
         lesion_size_mm: ``(min, max)`` lesion / tumour core diameter in mm (default: the
             modality's range, see :func:`medsynth.data.phantoms.generate_phantom`).
+        noise: phantom noise model, "fixed" or "scanner" (see
+            :func:`medsynth.data.phantoms.generate_phantom`).
 
     Raises:
         ConfigError: invalid arguments (checked before anything is written), or ``out`` holds a
@@ -65,7 +67,7 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
     # generate_phantoms validates modality, size, seed and rate eagerly: nothing is written on
     # a bad call. Cases are then made one by one so that a resumed run skips finished ones.
     generate_phantoms(modality, num, size=size, seed=seed, lesion_rate=lesion_rate,
-                      lesion_size_mm=lesion_size_mm)
+                      lesion_size_mm=lesion_size_mm, noise=noise)
     modality = modality.lower()
     out = Path(out)
     splits = phantom_splits(num, seed, lesion_rate)
@@ -74,6 +76,8 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
     settings: dict[str, Any] = {"num": num, "size": size, "seed": seed, "lesion_rate": lesion_rate}
     if lesion_size_mm is not None:  # only when asked for, so default folders written before resume
         settings["lesion_size_mm"] = [float(v) for v in lesion_size_mm]
+    if noise != "fixed":
+        settings["noise"] = noise
     medsynth_block = {"source": "medsynth phantoms", "synthetic": True, "modality": modality.upper(),
                       "phantoms": settings,
                       "intensity": mapping.to_dict() if mapping is not None else
@@ -88,7 +92,7 @@ def write_phantom_dataset(out: str | Path, *, modality: str, num: int, size: int
                 bar.update(1)
                 continue
             case = generate_phantom(modality, size, phantom_case_seed(seed, index), lesion_rate,
-                                    lesion_size_mm=lesion_size_mm)
+                                    lesion_size_mm=lesion_size_mm, noise=noise)
             case.metadata.update(index=index, case_id=case_id, dataset_seed=seed)
             preprocessing = None
             if modality == "mr":

@@ -29,13 +29,19 @@ from medsynth.io.volume import Volume, VolumeMetadata
 
 __all__ = ["CT_LABELS", "MR_LABELS", "MODALITIES", "PhantomCase", "generate_phantom",
            "generate_phantoms", "phantom_case_id", "phantom_case_seed", "phantom_labels",
-           "phantom_lesion_planned"]
+           "phantom_lesion_planned", "NOISE_MODELS", "phantom_noise_scale"]
 
 MODALITIES: tuple[str, ...] = ("ct", "mr")
 MIN_SIZE, MAX_SIZE = 16, 512
 # Default lesion (CT) / tumour core (MR) diameter range in mm, per modality.
 LESION_SIZE_MM: dict[str, tuple[float, float]] = {"ct": CT_LESION_SIZE_MM, "mr": MR_TUMOUR_SIZE_MM}
 MAX_LESION_MM = 80.0
+# "fixed": the drawn noise SD is per voxel at any grid (CT 8-20 HU, MR 1.5-4 % of the signal).
+# "scanner": that SD is drawn for 1 mm^3 voxels and scaled to the grid's voxel volume V the way
+# a scanner's is at a fixed dose / acquisition time: CT quantum noise as 1/sqrt(V) (the photons
+# behind a voxel grow with V), MR thermal noise as 1/V (signal grows with V, noise does not).
+NOISE_MODELS: tuple[str, ...] = ("fixed", "scanner")
+NOISE_REFERENCE_VOXEL_MM3 = 1.0
 
 
 @dataclass
@@ -84,7 +90,8 @@ def phantom_case_seed(seed: int, index: int) -> int:
 def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 0,
                      lesion_rate: float = 0.15,
                      spacing: float | Sequence[float] | None = None,
-                     lesion_size_mm: Sequence[float] | None = None) -> PhantomCase:
+                     lesion_size_mm: Sequence[float] | None = None,
+                     noise: str = "fixed") -> PhantomCase:
     """Generate one phantom case.
 
     Args:
@@ -98,6 +105,11 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
         lesion_size_mm: ``(min, max)`` diameter in mm of each lesion (CT) or tumour core (MR),
             drawn log-uniformly. Default :data:`LESION_SIZE_MM` (CT 5-30, MR 8-35). A lesion is
             never smaller than two voxels across, so on coarse grids small ones grow.
+        noise: one of :data:`NOISE_MODELS`. "fixed" (default) draws the noise SD per voxel at
+            any grid; "scanner" draws it for 1 mm^3 voxels and scales it with the voxel volume
+            as a scanner would (:func:`phantom_noise_scale`), so coarse grids are nearly
+            noise-free and small lesions stay visible. Only the noise differs: anatomy,
+            intensities and texture are the same for the same seed.
 
     Returns:
         :class:`PhantomCase` whose image and label share a diagonal RAS affine centred on (0, 0, 0).
@@ -112,13 +124,14 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
     sizes = _check_lesion_size(lesion_size_mm, mod)
     fov = CT_FOV_MM if mod == "ct" else MR_FOV_MM
     grid = Grid(shape=shape, spacing=_check_spacing(spacing, shape, fov))
+    noise_scale = phantom_noise_scale(mod, grid.spacing, noise)
     rngs = _streams(seed)
     with_lesions = _draw_lesions(rngs[1], lesion_rate)
     if mod == "ct":
-        made = generate_ct(grid, rngs, with_lesions, sizes)
+        made = generate_ct(grid, rngs, with_lesions, sizes, noise_scale)
         region, unit, modality_code = "abdomen", "HU", "CT"
     else:
-        made = generate_mr(grid, rngs, with_lesions, sizes)
+        made = generate_mr(grid, rngs, with_lesions, sizes, noise_scale)
         region, unit, modality_code = "head", "a.u.", "MR"
     info = dict(made.info)
     lesions = info.pop("lesions")
@@ -131,6 +144,8 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
     }
     if lesion_size_mm is not None:  # recorded only when asked for: default cases stay as they were
         metadata["lesion_size_mm"] = list(sizes)
+    if noise != "fixed":  # likewise
+        metadata["noise_model"] = noise
     prompt = _prompt(metadata)
     affine = grid.affine
     extra = {"generator": "phantom", "seed": int(seed), "prompt": prompt}
@@ -141,6 +156,21 @@ def generate_phantom(modality: str, size: int | Sequence[int] = 64, seed: int = 
                    VolumeMetadata(modality=modality_code, intensity_unit="label",
                                   orientation=("R", "A", "S"), synthetic=True, extra=dict(extra)))
     return PhantomCase(image=image, label=label, prompt=prompt, metadata=metadata)
+
+
+def phantom_noise_scale(modality: str, spacing: Sequence[float], noise: str = "fixed") -> float:
+    """Factor on the drawn noise SD for a grid of voxel size ``spacing`` (mm) under ``noise``.
+
+    1 for "fixed". For "scanner", with V the voxel volume in mm^3: CT ``sqrt(1 / V)``, MR ``1 / V``
+    (e.g. CT 32^3 over 380 x 380 x 280 mm: V = 1234 mm^3, factor 0.028, noise 0.2-0.6 HU).
+    """
+    mod = _check_modality(modality)
+    if noise not in NOISE_MODELS:
+        raise ConfigError(f"phantom noise model must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
+    if noise == "fixed":
+        return 1.0
+    ratio = NOISE_REFERENCE_VOXEL_MM3 / float(np.prod([float(s) for s in spacing]))
+    return math.sqrt(ratio) if mod == "ct" else ratio
 
 
 def phantom_lesion_planned(seed: int, lesion_rate: float) -> bool:
@@ -158,7 +188,8 @@ def phantom_lesion_planned(seed: int, lesion_rate: float) -> bool:
 def generate_phantoms(modality: str, num: int, size: int | Sequence[int] = 64, seed: int = 0,
                       lesion_rate: float = 0.15,
                       spacing: float | Sequence[float] | None = None,
-                      lesion_size_mm: Sequence[float] | None = None) -> Iterator[PhantomCase]:
+                      lesion_size_mm: Sequence[float] | None = None,
+                      noise: str = "fixed") -> Iterator[PhantomCase]:
     """Generate ``num`` cases lazily; case ``i`` uses :func:`phantom_case_seed` ``(seed, i)``.
 
     Arguments are validated before the first case is made (a bad call fails at once, not on
@@ -169,12 +200,14 @@ def generate_phantoms(modality: str, num: int, size: int | Sequence[int] = 64, s
     _check_seed(seed)
     _check_rate(lesion_rate)
     _check_lesion_size(lesion_size_mm, mod)
+    phantom_noise_scale(mod, (1.0, 1.0, 1.0), noise)
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
         raise ConfigError(f"number of phantoms must be an integer >= 1, got {num!r}")
 
     def cases() -> Iterator[PhantomCase]:
         for i in range(int(num)):
-            case = generate_phantom(mod, size, phantom_case_seed(seed, i), lesion_rate, spacing, lesion_size_mm)
+            case = generate_phantom(mod, size, phantom_case_seed(seed, i), lesion_rate, spacing, lesion_size_mm,
+                                    noise)
             case.metadata.update(index=i, case_id=phantom_case_id(i), dataset_seed=int(seed))
             yield case
 

@@ -257,7 +257,8 @@ def _place_lesions(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, wit
 
 
 def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions: bool,
-                lesion_size_mm: tuple[float, float] = CT_LESION_SIZE_MM) -> CTPhantom:
+                lesion_size_mm: tuple[float, float] = CT_LESION_SIZE_MM,
+                noise_scale: float = 1.0) -> CTPhantom:
     """Generate one CT abdomen phantom.
 
     Args:
@@ -265,6 +266,7 @@ def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
         rngs: three generators: anatomy (grid-independent draws), lesions, rendering.
         with_lesions: whether the case carries liver lesions (drawn by the caller).
         lesion_size_mm: ``(min, max)`` lesion diameter in mm.
+        noise_scale: factor on the drawn quantum-noise SD (8-20 HU); 1 keeps it per voxel.
 
     Returns:
         :class:`CTPhantom` with ``(X, Y, Z)`` float32 HU image and uint8 labels.
@@ -304,7 +306,7 @@ def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
                                                  lesion_size_mm)
     label = _TISSUE_LABEL[tissue]
     image, render = _render_ct(grid, rng_render, tissue, hu, sex,
-                               [(m, les["hu"]) for les, m in zip(lesions, lesion_masks)])
+                               [(m, les["hu"]) for les, m in zip(lesions, lesion_masks)], noise_scale)
     info = {"sex": sex, "age": age, "contrast": phase, "lesions": lesions,
             "hu_nominal": {"liver": round(hu[LIVER], 1), "spleen": round(hu[SPLEEN], 1),
                            "aorta": round(hu[AORTA], 1), "muscle": round(hu[MUSCLE], 1)}, **render}
@@ -312,11 +314,13 @@ def generate_ct(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
 
 
 def _render_ct(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, hu: dict[int, float],
-               sex: str, lesions: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, dict[str, float]]:
+               sex: str, lesions: list[tuple[np.ndarray, float]],
+               noise_scale: float = 1.0) -> tuple[np.ndarray, dict[str, float]]:
     """Tissue map -> HU image: bowel texture, parenchymal texture, partial volume, noise.
 
     Args:
         lesions: ``(mask, HU)`` per lesion; each keeps its own attenuation.
+        noise_scale: factor on the drawn noise SD (drawn either way, so the stream is unchanged).
 
     Returns:
         ``(X, Y, Z)`` float32 HU image and the rendering parameters drawn.
@@ -346,7 +350,7 @@ def _render_ct(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, hu: dic
     image += tex_lut[tissue] * gaussian_texture(grid.shape, 0.8, rng)
     blur = rng.uniform(0.5, 0.9)  # partial volume: the scanner's point spread, in voxels
     image = ndimage.gaussian_filter(image, blur, mode="nearest")
-    noise_sd = rng.uniform(8.0, 20.0)
+    noise_sd = rng.uniform(8.0, 20.0) * noise_scale
     image += rng.standard_normal(grid.shape, dtype=np.float32) * np.float32(noise_sd)
     np.clip(image, -1024.0, 3071.0, out=image)
     return image.astype(np.float32, copy=False), {"noise_sd": round(noise_sd, 2), "blur_vox": round(blur, 2)}

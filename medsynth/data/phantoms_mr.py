@@ -222,7 +222,8 @@ def _place_tumours(grid: Grid, rng: np.random.Generator, tissue: np.ndarray, wit
 
 
 def generate_mr(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions: bool,
-                lesion_size_mm: tuple[float, float] = MR_TUMOUR_SIZE_MM) -> MRPhantom:
+                lesion_size_mm: tuple[float, float] = MR_TUMOUR_SIZE_MM,
+                noise_scale: float = 1.0) -> MRPhantom:
     """Generate one MR head phantom.
 
     Args:
@@ -230,6 +231,7 @@ def generate_mr(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
         rngs: three generators: anatomy (grid-independent draws), lesions, rendering.
         with_lesions: whether the case carries tumours (drawn by the caller).
         lesion_size_mm: ``(min, max)`` tumour core diameter in mm.
+        noise_scale: factor on the drawn Rician noise SD; 1 keeps it per voxel.
 
     Returns:
         :class:`MRPhantom` with ``(X, Y, Z)`` float32 a.u. image and uint8 labels.
@@ -241,14 +243,17 @@ def generate_mr(grid: Grid, rngs: tuple[np.random.Generator, ...], with_lesions:
     tissue = _head(grid, rng_anat, sex, age)
     lesions = _place_tumours(grid, rng_lesion, tissue, with_lesions, lesion_size_mm)
     label = _TISSUE_LABEL[tissue]
-    image, render = _render_mr(grid, rng_render, tissue, sequence)
+    image, render = _render_mr(grid, rng_render, tissue, sequence, noise_scale)
     info = {"sex": sex, "age": age, "sequence": sequence, "lesions": lesions, **render}
     return MRPhantom(image=image, label=label, info=info)
 
 
 def _render_mr(grid: Grid, rng: np.random.Generator, tissue: np.ndarray,
-               sequence: str) -> tuple[np.ndarray, dict[str, float]]:
-    """Tissue map -> MR image: contrast, texture, partial volume, bias field, Rician noise."""
+               sequence: str, noise_scale: float = 1.0) -> tuple[np.ndarray, dict[str, float]]:
+    """Tissue map -> MR image: contrast, texture, partial volume, bias field, Rician noise.
+
+    ``noise_scale`` multiplies the drawn noise SD (1.5-4 % of the signal scale).
+    """
     col = MR_SEQUENCES.index(sequence)
     scale = rng.uniform(600.0, 1000.0)
     lut = _SIGNAL[:, col] * rng.uniform(0.95, 1.05, size=len(_SIGNAL)).astype(np.float32)
@@ -263,7 +268,7 @@ def _render_mr(grid: Grid, rng: np.random.Generator, tissue: np.ndarray,
     bias = SmoothField(rng, (200.0, 500.0), 4)
     image *= np.exp(np.float32(bias_strength) * bias(*grid.points()))
     # Magnitude images of complex Gaussian noise are Rician: biased upwards in the background.
-    noise_sd = rng.uniform(0.015, 0.04) * scale
+    noise_sd = rng.uniform(0.015, 0.04) * scale * noise_scale
     re = image + rng.standard_normal(grid.shape, dtype=np.float32) * np.float32(noise_sd)
     im = rng.standard_normal(grid.shape, dtype=np.float32) * np.float32(noise_sd)
     image = np.sqrt(re * re + im * im)

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from medsynth.data.phantoms import (CT_LABELS, MR_LABELS, PhantomCase, generate_phantom,
                                     generate_phantoms, phantom_case_id, phantom_case_seed,
-                                    phantom_labels, phantom_lesion_planned)
+                                    phantom_labels, phantom_lesion_planned, phantom_noise_scale)
 from medsynth.errors import ConfigError
 
 CT_ORGANS = [name for name, value in CT_LABELS.items() if 0 < value < CT_LABELS["liver_lesion"]]
@@ -279,6 +279,38 @@ def test_lesion_size_range_sets_the_diameters_and_default_cases_are_unchanged(mo
     assert np.array_equal(plain.label.array, default.label.array)
 
 
+@pytest.mark.parametrize("modality,law", [("ct", 0.5), ("mr", 1.0)])
+def test_scanner_noise_scales_with_voxel_volume_and_changes_nothing_else(modality: str, law: float) -> None:
+    fixed = generate_phantom(modality, 32, seed=5, lesion_rate=1.0)
+    scanner = generate_phantom(modality, 32, seed=5, lesion_rate=1.0, noise="scanner")
+    volume = float(np.prod(fixed.image.spacing))
+    factor = phantom_noise_scale(modality, fixed.image.spacing, "scanner")
+    # CT quantum noise goes as 1/sqrt(V), MR thermal noise as 1/V (noise drawn for 1 mm^3 voxels)
+    assert factor == pytest.approx(volume ** -law)
+    assert phantom_noise_scale(modality, (1.0, 1.0, 1.0), "scanner") == pytest.approx(1.0)
+    assert phantom_noise_scale(modality, fixed.image.spacing, "fixed") == 1.0
+    assert scanner.metadata["noise_sd"] == pytest.approx(fixed.metadata["noise_sd"] * factor, abs=0.01)
+    assert scanner.metadata["noise_model"] == "scanner" and "noise_model" not in fixed.metadata
+    # anatomy, lesions, contrast and prompt are those of the same seed; only the noise shrank
+    assert np.array_equal(fixed.label.array, scanner.label.array)
+    assert fixed.prompt == scanner.prompt and fixed.metadata["lesions"] == scanner.metadata["lesions"]
+    if modality == "ct":
+        residual = fixed.image.array - scanner.image.array  # the removed noise: white, of the drawn SD
+        body = fixed.label.array > 0
+        assert np.std(residual[body]) == pytest.approx(fixed.metadata["noise_sd"] * (1 - factor), rel=0.1)
+        # inside the liver (away from its boundary's partial volume) texture is what remains
+        liver = ndimage.binary_erosion(fixed.label.array == CT_LABELS["liver"], FACE, iterations=2)
+        assert np.std(scanner.image.array[liver]) < 0.8 * np.std(fixed.image.array[liver])
+
+
+def test_scanner_noise_grows_as_voxels_shrink() -> None:
+    ratios = [generate_phantom("ct", size, seed=2, noise="scanner").metadata["noise_sd"]
+              / generate_phantom("ct", size, seed=2).metadata["noise_sd"] for size in (32, 64, 128)]
+    assert ratios[0] < ratios[1] < ratios[2] < 1
+    # 8x smaller voxels: sqrt(8) times the noise (noise_sd is rounded to 0.01 HU, hence the tolerance)
+    assert ratios[2] / ratios[1] == pytest.approx(8 ** 0.5, rel=0.03)
+
+
 # -- arguments ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -294,6 +326,7 @@ def test_lesion_size_range_sets_the_diameters_and_default_cases_are_unchanged(mo
     (dict(lesion_size_mm=(0, 10)), "(0, 10)"),
     (dict(lesion_size_mm=(5, 500)), "(5, 500)"),
     (dict(lesion_size_mm=(5,)), "(5,)"),
+    (dict(noise="gaussian"), "'gaussian'"),
 ])
 def test_bad_arguments_raise_config_error(kwargs: dict, needle: str) -> None:
     args = dict(modality="ct", size=16, seed=0, lesion_rate=0.1) | kwargs
@@ -306,6 +339,8 @@ def test_bad_num_and_index_raise_config_error_eagerly() -> None:
         generate_phantoms("ct", 0)
     with pytest.raises(ConfigError, match="MRI"):
         generate_phantoms("MRI", 2)
+    with pytest.raises(ConfigError, match="fixed, scanner"):
+        generate_phantoms("ct", 2, noise="physical")
     with pytest.raises(ConfigError):
         phantom_case_id(-1)
     assert phantom_case_id(7) == "phantom_0007"
