@@ -159,6 +159,15 @@ def test_demo_data_stages_and_report(tmp_path: Path) -> None:
     assert "phantoms" in page and "prepared" in page and "<a href='prepared'" in page
 
 
+def test_demo_phantom_noise_reaches_the_phantoms(tmp_path: Path) -> None:
+    from medsynth.cli.demo import STAGES, DemoSettings, run_stages
+
+    settings = DemoSettings(out=tmp_path / "demo", num_cases=3, size=32, progress=False, phantom_noise="scanner")
+    state = run_stages(settings, STAGES[:1])
+    cases = read_dataset(state.outputs["phantom dataset"]).cases
+    assert all(c.metadata["noise_model"] == "scanner" and c.metadata["noise_sd"] < 1.0 for c in cases)
+
+
 def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import medsynth.cli.demo as demo
