@@ -42,6 +42,7 @@ from medsynth.models.dit import DiT3D
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder
 from medsynth.training.acceleration import check_compile_options, compile_in_place
 from medsynth.training.callbacks import ExportOnTrainEnd
+from medsynth.training.trainer import fit_steps, step_trainer
 
 GENERATIVE_SPLITS = ("train", "val")
 
@@ -330,9 +331,6 @@ def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
     ``last.ckpt``). ``accelerator``, ``devices`` (per node), ``num_nodes`` and ``strategy`` go to
     the Trainer.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader
-
     from medsynth.pipelines.latent_cache import read_cache_stats
     from medsynth.training.dit import load_dit
 
@@ -366,19 +364,10 @@ def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
                               {"base_dit": str(dit_dir), "base_dit_sha256": dit_export.sha256,
                                "latent_cache": str(cache_dir), "scale_factor": data.scale_factor})
     out = Path(out_dir)
-    every = max(1, min(1000, training.max_steps // 4))
-    trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                        strategy=strategy, precision=training.precision, default_root_dir=str(out),
-                        log_every_n_steps=min(50, every),
-                        callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
-                                   ExportOnTrainEnd(out / "export")],
-                        enable_progress_bar=False, max_epochs=-1)
-    # Under DDP each rank sees len(data) / world_size cases: drop the last partial batch only
-    # when every rank still gets a full one (a small cache would otherwise train on nothing).
-    loader = DataLoader(data, batch_size=training.batch_size, shuffle=True, collate_fn=collate_masked,
-                        num_workers=num_workers,
-                        drop_last=len(data) >= training.batch_size * max(1, trainer.world_size))
-    trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
+    trainer = step_trainer(out, training.max_steps, out / "checkpoints", [ExportOnTrainEnd(out / "export")],
+                           accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                           precision=training.precision)
+    fit_steps(trainer, module, data, training.batch_size, collate_masked, num_workers, resume)
     return out / "export"
 
 

@@ -33,6 +33,7 @@ from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder, build_text_encoder
 from medsynth.training.acceleration import check_compile_options, compile_in_place
 from medsynth.training.callbacks import ExportOnTrainEnd
+from medsynth.training.trainer import fit_steps, step_trainer
 
 GENERATIVE_SPLITS = ("train", "val")  # the held-out "test" split is never trained on
 
@@ -340,9 +341,6 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
     sampling, training). Lightning checkpoints go to ``out_dir/checkpoints`` (``resume`` one).
     ``accelerator``, ``devices`` (per node), ``num_nodes`` and ``strategy`` go to the Trainer.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader
-
     unknown = sorted(set(run_config) - {"model", "text_encoder", "objective", "sampling", "training"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown} in the DiT config; valid sections are "
@@ -369,19 +367,10 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
         except ConfigError as err:
             raise ConfigError(f"latent cache case {case_id!r}: {err}; fix prompts.jsonl and encode again") from None
     out = Path(out_dir)
-    every = max(1, min(1000, training.max_steps // 4))
-    trainer = L.Trainer(max_steps=training.max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                        strategy=strategy, precision=training.precision, default_root_dir=str(out),
-                        log_every_n_steps=min(50, every),
-                        callbacks=[ModelCheckpoint(out / "checkpoints", every_n_train_steps=every, save_last=True),
-                                   ExportOnTrainEnd(out / "export")],
-                        enable_progress_bar=False, max_epochs=-1)
-    # Under DDP each rank sees len(data) / world_size cases: drop the last partial batch only
-    # when every rank still gets a full one (a small cache would otherwise train on nothing).
-    loader = DataLoader(data, batch_size=training.batch_size, shuffle=True, collate_fn=collate_latents,
-                        num_workers=num_workers,
-                        drop_last=len(data) >= training.batch_size * max(1, trainer.world_size))
-    trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
+    trainer = step_trainer(out, training.max_steps, out / "checkpoints", [ExportOnTrainEnd(out / "export")],
+                           accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                           precision=training.precision)
+    fit_steps(trainer, module, data, training.batch_size, collate_latents, num_workers, resume)
     return out / "export"
 
 

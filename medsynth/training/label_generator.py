@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export,
@@ -48,6 +48,7 @@ from medsynth.models.autoencoder_config import config_from_dict
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.label_generator import LESION_PREFIX, VOLUME_PREFIX, LabelAutoencoder, LabelAutoencoderConfig
 from medsynth.models.text_encoder import TextEncoder, build_text_encoder
+from medsynth.training.trainer import fit_steps, step_trainer
 
 KIND = "label_generator"
 SECTIONS: tuple[str, ...] = ("autoencoder", "autoencoder_training", "dit", "text_encoder", "objective", "sampling",
@@ -413,20 +414,6 @@ def read_stage_checkpoint(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def _trainer(out: Path, stage: str, max_steps: int, accelerator: str, devices: int | str, num_nodes: int,
-             strategy: str, precision: str, callback: _RecordStage) -> L.Trainer:
-    """One stage's Trainer; checkpoints (as for ``dit fit``) go to ``out/checkpoints/<stage>``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    every = max(1, min(1000, max_steps // 4))
-    return L.Trainer(max_steps=max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                     strategy=strategy, precision=precision, default_root_dir=str(out),
-                     log_every_n_steps=max(1, min(50, max_steps // 4)), enable_progress_bar=False,
-                     callbacks=[ModelCheckpoint(out / "checkpoints" / stage, every_n_train_steps=every,
-                                                save_last=True), callback],
-                     max_epochs=-1, logger=False, enable_model_summary=False)
-
-
 @torch.no_grad()
 def encode_labels(model: LabelAutoencoder, arrays: Sequence[np.ndarray], batch_size: int = 4) -> Tensor:
     """Label maps -> latents ``(N, L, x, y, z)`` (float32, CPU)."""
@@ -499,7 +486,9 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
 
     resumed = None if resume is None else read_stage_checkpoint(resume)
     resume_stage = None if resumed is None else resumed["stage"]
-    trainer_options = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+    # checkpoints as for `dit fit`, one folder per stage; no logger (the stages report through the export)
+    trainer_options = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy,
+                       "logger": False, "enable_model_summary": False}
 
     L.seed_everything(ae_train.seed, workers=True)
     data = read_label_cases(data_dir, factor * patch)
@@ -511,13 +500,10 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
         autoencoder, ae_steps = _carried_autoencoder(resumed, ae_dict, resume)
     else:
         ae_module = LabelAutoencoderModule(ae_dict, asdict(ae_train))
-        trainer = _trainer(out, "autoencoder", ae_train.max_steps, precision="32-true",
-                           callback=_RecordStage("autoencoder"), **trainer_options)
-        # Under DDP each rank sees 1 / world_size of the cases: drop a partial last batch only when
-        # every rank still gets a full one.
-        loader = DataLoader(LabelMapDataset(data.arrays), batch_size=ae_train.batch_size, shuffle=True,
-                            drop_last=len(data.arrays) >= ae_train.batch_size * max(1, trainer.world_size))
-        trainer.fit(ae_module, loader, ckpt_path=None if resume_stage is None else str(resume))
+        trainer = step_trainer(out, ae_train.max_steps, out / "checkpoints" / "autoencoder",
+                               [_RecordStage("autoencoder")], precision="32-true", **trainer_options)
+        fit_steps(trainer, ae_module, LabelMapDataset(data.arrays), ae_train.batch_size,
+                  resume=None if resume_stage is None else resume)
         autoencoder, ae_steps = ae_module.model.cpu().eval().requires_grad_(False), int(ae_module.global_step)
 
     latents = encode_labels(autoencoder, data.arrays)  # (N, L, x, y, z)
@@ -537,11 +523,11 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
         except ConfigError as err:
             raise ConfigError(f"train case {case_id!r}: {err}; fix its metadata (prompts.jsonl)") from None
     dataset = LabelLatentDataset(latents * scale, data.prompts, data.records, attributes, attr_cfg.drop_rate)
-    trainer = _trainer(out, "dit", dit_train.max_steps, precision=dit_train.precision,
-                       callback=_RecordStage("dit", autoencoder, ae_steps), **trainer_options)
-    loader = DataLoader(dataset, batch_size=dit_train.batch_size, shuffle=True, collate_fn=collate_latents,
-                        drop_last=len(dataset) >= dit_train.batch_size * max(1, trainer.world_size))
-    trainer.fit(dit_module, loader, ckpt_path=str(resume) if resume_stage == "dit" else None)
+    trainer = step_trainer(out, dit_train.max_steps, out / "checkpoints" / "dit",
+                           [_RecordStage("dit", autoencoder, ae_steps)], precision=dit_train.precision,
+                           **trainer_options)
+    fit_steps(trainer, dit_module, dataset, dit_train.batch_size, collate_latents,
+              resume=resume if resume_stage == "dit" else None)
     if not trainer.is_global_zero:
         return out / "export"
     encoder = dit_module.ema_text_encoder if dit_module.ema_text_encoder is not None else dit_module.text_encoder
