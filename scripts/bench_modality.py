@@ -64,8 +64,29 @@ def real_volumes(root: Path, modality: str, num: int, size: int) -> tuple[list[n
     return images, records
 
 
-def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0):
-    """The tiny VQ-GAN on both modalities' volumes (reconstruction only at this budget)."""
+class RandomCrops(torch.utils.data.Dataset):
+    """``{"image": (1, c, c, c)}`` random crops of ``(X, Y, Z)`` volumes, a new crop at every draw."""
+
+    def __init__(self, images: list[np.ndarray], crop: int, seed: int = 0) -> None:
+        self.images, self.crop = images, crop
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index]
+        corner = [int(self.rng.integers(0, s - self.crop + 1)) for s in image.shape]
+        window = tuple(slice(c, c + self.crop) for c in corner)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image[window]))[None]}
+
+
+def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0, crop: int | None = None):
+    """The tiny VQ-GAN on both modalities' volumes (reconstruction only at this budget).
+
+    ``crop``: train on random ``crop^3`` crops (the tiny config's 32^3 patch) of larger volumes,
+    so a step costs the same at 64^3 as at 32^3; the convolutional model then encodes whole volumes.
+    """
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -75,7 +96,7 @@ def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0):
     training = {**cfg["training"], "max_steps": steps}
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(cfg["model"], cfg["discriminator"], training)
-    data = [{"image": torch.from_numpy(img)[None]} for img in images]
+    data = RandomCrops(images, crop, seed) if crop else [{"image": torch.from_numpy(img)[None]} for img in images]
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2 * steps + 2, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)

@@ -29,3 +29,23 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert 0 <= result["fisher_p"] <= 1
     assert (tmp_path / "figures" / "lesion_prompt_cpu.png").stat().st_size > 5000
     assert "| `CT abdomen portal venous, liver lesion" in (tmp_path / "lesion_prompt_cpu.md").read_text()
+
+
+def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp_path) -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_modality import RandomCrops
+
+    volume = np.arange(64 ** 3, dtype=np.float32).reshape(64, 64, 64)
+    crops = RandomCrops([volume], 32, seed=0)
+    seen = [crops[0]["image"] for _ in range(20)]
+    assert all(c.shape == (1, 32, 32, 32) for c in seen)
+    corners = {float(c[0, 0, 0, 0]) for c in seen}
+    assert len(corners) > 10  # a new crop at each draw
+    for c in seen:  # each crop is a contiguous block of the volume
+        x, y, z = np.unravel_index(int(c[0, 0, 0, 0]), volume.shape)
+        assert np.array_equal(c[0].numpy(), volume[x:x + 32, y:y + 32, z:z + 32])
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--size", "48",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "multiple of 32" in proc.stderr and not any(tmp_path.iterdir())
