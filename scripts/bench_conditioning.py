@@ -28,6 +28,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,39 @@ def text_conditioning(pipe, segmenter, modality: str, num: int, seed: int, steps
     return out
 
 
-def real_judge(dataset, segmenter, lesion_value: int, min_voxels: int) -> dict:
+def real_reader(dataset, pipe) -> Callable[[Any], np.ndarray]:
+    """``case -> image`` of a real case in the pipeline's output units *as the models saw it*.
+
+    Each real case is mapped to the model range by its own dataset mapping (the CT window, or
+    per-case percentiles on MR, as in training), then back with the pipeline's mapping, so the
+    judge's ``predict`` (pipeline mapping forward) gives exactly what it was trained on. Reading
+    an MR file as it is would not: its scale (600-1000 a.u. per phantom) and bias differ from case to
+    case, and the pipeline's mapping is one fixed window.
+    """
+    from medsynth.data.patches import load_case
+
+    def read(case) -> np.ndarray:
+        _, model_range, _, _ = load_case(dataset, case, with_label=False)
+        return np.asarray(pipe.intensity.inverse(model_range), np.float32)
+
+    return read
+
+
+def file_reader(case) -> np.ndarray:
+    """A generated case's image as written (already in the pipeline's output units)."""
+    from medsynth.io import read_volume
+
+    return read_volume(case.image).array
+
+
+def real_judge(dataset, segmenter, lesion_value: int, min_voxels: int, read_image: Callable[[Any], np.ndarray]) -> dict:
     """The lesion rule on real held-out phantoms: how often it fires with / without a true lesion."""
     from medsynth.io import read_volume
 
     rows = {"with_lesion": [0, 0], "without_lesion": [0, 0]}
     for case in held_out_cases(dataset):
         label = read_volume(case.label, kind="label").array
-        image = read_volume(case.image).array
+        image = read_image(case)
         fired = int((segmenter.predict(image) == lesion_value).sum()) >= min_voxels
         key = "with_lesion" if (label == lesion_value).any() else "without_lesion"
         rows[key][0] += fired
@@ -99,14 +125,16 @@ def held_out_cases(dataset) -> list:
     return [c for c in dataset.cases if c.case_id not in train and c.label is not None]
 
 
-def judged_dice(cases, segmenter, labels: dict, modality: str, pipe=None) -> dict[str, list[float]]:
-    """The judge's Dice per large class on each case's image against its own label map; with
-    ``pipe``, on the image after the pipeline's autoencoder. ``{class: [Dice per case]}``."""
+def judged_dice(cases, segmenter, labels: dict, modality: str, read_image: Callable[[Any], np.ndarray],
+                pipe=None) -> dict[str, list[float]]:
+    """The judge's Dice per large class on each case's image (``read_image(case)``, output units)
+    against its own label map; with ``pipe``, on the image after the pipeline's autoencoder.
+    ``{class: [Dice per case]}``."""
     from medsynth.io import read_volume
 
     per_class: dict[str, list[float]] = {}
     for case in cases:
-        image = read_volume(case.image).array
+        image = read_image(case)
         label = read_volume(case.label, kind="label").array
         if pipe is not None:
             image = autoencoder_round_trip(pipe, image)
@@ -115,20 +143,18 @@ def judged_dice(cases, segmenter, labels: dict, modality: str, pipe=None) -> dic
     return per_class
 
 
-def mask_fidelity(dataset, cohort, segmenter, labels: dict, modality: str, pipe=None) -> dict:
+def mask_fidelity(dataset, cohort, segmenter, labels: dict, modality: str, pipe) -> dict:
     """Per-class Dice on generated cohort images vs their masks, on real held-out images (ceiling)
-    and, with ``pipe``, on the real held-out images after the pipeline's autoencoder (the ceiling
-    of anything decoded from its latents)."""
-    def score(cases, through: Any = None) -> dict:
-        per_class = judged_dice(cases, segmenter, labels, modality, through)
+    and on the real held-out images after the pipeline's autoencoder (the ceiling of anything
+    decoded from its latents)."""
+    def score(cases, read_image, through: Any = None) -> dict:
+        per_class = judged_dice(cases, segmenter, labels, modality, read_image, through)
         return {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "n": len(v)} for k, v in per_class.items()}
 
-    held_out = held_out_cases(dataset)
-    out = {"synthetic": score([c for c in cohort.cases if c.label is not None]), "real_ceiling": score(held_out),
-           "real_cases": len(held_out), "synthetic_cases": len(cohort.cases)}
-    if pipe is not None:
-        out["autoencoder_ceiling"] = score(held_out, through=pipe)
-    return out
+    held_out, real = held_out_cases(dataset), real_reader(dataset, pipe)
+    return {"synthetic": score([c for c in cohort.cases if c.label is not None], file_reader),
+            "real_ceiling": score(held_out, real), "real_cases": len(held_out), "synthetic_cases": len(cohort.cases),
+            "autoencoder_ceiling": score(held_out, real, through=pipe)}
 
 
 def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, scales: list[float],
@@ -170,7 +196,7 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     from medsynth.io import read_volume
 
     cases = held_out_cases(dataset)[:num]
-    real = judged_dice(cases, segmenter, labels, modality)
+    real = judged_dice(cases, segmenter, labels, modality, real_reader(dataset, pipe))
     out = {"cases": len(cases), "real": {k: round(float(np.mean(v)), 3) for k, v in real.items()}, "synthetic": {}}
     masks = [(case, read_volume(case.label, kind="label")) for case in cases]
     jobs = [(mask, case.prompt or None,
@@ -192,7 +218,7 @@ def lesion_detection(cohort, segmenter, lesion_value: int, spacing_of) -> dict:
         label = label_volume.array
         if not (label == lesion_value).any():
             continue
-        prediction = segmenter.predict(read_volume(case.image).array) == lesion_value
+        prediction = segmenter.predict(file_reader(case)) == lesion_value
         components, count = ndimage.label(label == lesion_value, structure=np.ones((3, 3, 3)))
         voxel_mm3 = float(np.prod(label_volume.spacing))
         for index in range(1, count + 1):
@@ -326,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python scripts/bench_conditioning.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     record["text"] = text_conditioning(pipe, segmenter, modality, args.num, args.seed, args.steps,
                                        args.min_lesion_voxels, prompt_lesion, head)
-    record["judge_on_real"] = real_judge(dataset, segmenter, lesion_value, args.min_lesion_voxels)
+    record["judge_on_real"] = real_judge(dataset, segmenter, lesion_value, args.min_lesion_voxels,
+                                         real_reader(dataset, pipe))
     record["mask_fidelity"] = mask_fidelity(dataset, cohort, segmenter, pipe.labels, modality, pipe)
     record["lesion_detection"] = lesion_detection(cohort, segmenter, lesion_value, None)
     if args.mask_guidance:

@@ -64,3 +64,30 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "give another folder" in proc.stderr
     assert not (tmp_path / "bench3" / "conditioning_ct.json").exists()
+
+
+def test_real_mr_cases_reach_the_judge_as_the_models_saw_them(tmp_path: Path) -> None:
+    """MR phantoms differ in scale from case to case and are normalised per case for training;
+    the judge's predict maps with the pipeline's one fixed window. The real reader must hand it
+    each case's own normalisation, or the real-image ceiling measures a distribution shift."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_conditioning import real_reader
+
+    from medsynth.data.patches import load_case
+    from medsynth.data.phantom_dataset import write_phantom_dataset
+    from medsynth.data.transforms import IntensityMapping
+    from medsynth.io import read_volume
+
+    dataset = write_phantom_dataset(tmp_path / "mr", modality="mr", num=3, size=16, progress=False)
+    fixed = IntensityMapping(kind="mr_percentiles", low=0.0, high=900.0)  # what a pipeline records
+    read = real_reader(dataset, SimpleNamespace(intensity=fixed))
+    for case in dataset.cases:
+        _, trained_on, own, _ = load_case(dataset, case, with_label=False)
+        seen = fixed.forward(read(case))
+        np.testing.assert_allclose(seen, trained_on, atol=1e-4)
+        raw = fixed.forward(read_volume(case.image).array)  # the file read as it is: another image
+        assert own.high != fixed.high and np.abs(raw - trained_on).max() > 0.05

@@ -268,7 +268,19 @@ def _mask_fidelity(real_ds: Dataset, syn_ds: Dataset, train: Sequence[CaseData],
             return {"skipped": "mask fidelity needs >= 1 real training volume whose label shares its image grid"}
         segmenter = ThresholdSegmenter().fit(pairs, labels, seed=config.settings.seed)
 
-    def score(case: Case, provided: Path | None) -> dict[str, Any] | None:
+    def real_as_trained(case: Case, image: Volume) -> np.ndarray:
+        """A real image as a pipeline's segmenter was trained on it: the case's own mapping to the
+        model range (per-case percentiles on MR), back through the segmenter's fixed mapping, which
+        its ``predict`` applies. Reading an MR file as it is would score a shift in scale instead."""
+        mapping = getattr(segmenter, "intensity", None)
+        if mapping is None:  # the threshold segmenter is fitted on the files' own units
+            return image.array
+        from medsynth.data.patches import intensity_mapping_for
+
+        own = intensity_mapping_for(real_ds, case, np.asarray(image.array, np.float32))
+        return np.asarray(mapping.inverse(own.forward(np.asarray(image.array, np.float32))), np.float32)
+
+    def score(case: Case, provided: Path | None, real: bool = False) -> dict[str, Any] | None:
         if case.label is None:
             return None
         if (pair := _read_pair(case)) is None:
@@ -284,7 +296,8 @@ def _mask_fidelity(real_ds: Dataset, syn_ds: Dataset, train: Sequence[CaseData],
                 raise InputError(f"segmentation of {case.case_id!r} has shape {prediction.shape}, its label "
                                  f"{label.shape}; segmentations must be on the synthetic image's grid", provided)
         else:
-            prediction = segmenter.predict(image.array)  # type: ignore[union-attr]
+            array = real_as_trained(case, image) if real else image.array
+            prediction = segmenter.predict(array)  # type: ignore[union-attr]
         return mask_agreement(prediction, label.array, labels, image.spacing)
 
     seg_dir = None if config.segmentations is None else Path(config.segmentations)
@@ -296,7 +309,7 @@ def _mask_fidelity(real_ds: Dataset, syn_ds: Dataset, train: Sequence[CaseData],
         "synthetic": summarise_agreement(synthetic), "synthetic_cases": synthetic}
     if seg_dir is None:
         held = [c for c in real_ds.cases if c.case_id not in train_ids] or list(real_ds.cases)
-        ceiling = {c.case_id: s for c in held[:MAX_CEILING_CASES] if (s := score(c, None)) is not None}
+        ceiling = {c.case_id: s for c in held[:MAX_CEILING_CASES] if (s := score(c, None, real=True)) is not None}
         out["real_ceiling"] = summarise_agreement(ceiling)
         out["real_ceiling_cases"] = sorted(ceiling)
     if left_out:

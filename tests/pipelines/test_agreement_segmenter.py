@@ -137,3 +137,34 @@ def test_evaluate_scores_mask_fidelity_with_the_trained_segmenter(pipeline_dir, 
                  str(tmp_path / "r3"), "--segmenter", str(tampered)]) == 2
     assert "does not match the sha256" in capsys.readouterr().err
     assert not (tmp_path / "r3").exists()
+
+
+def test_evaluate_hands_real_mr_cases_to_a_trained_segmenter_as_it_was_trained(tmp_path) -> None:
+    """MR cases are normalised per case for training, while a pipeline segmenter's predict applies
+    one fixed window: the real-image ceiling must undo the first and let the second redo it."""
+    from types import SimpleNamespace
+
+    from medsynth.data.manifest import read_dataset
+    from medsynth.data.patches import load_case
+    from medsynth.data.phantom_dataset import write_phantom_dataset
+    from medsynth.data.phantoms import phantom_labels
+    from medsynth.evaluation.evaluate import _mask_fidelity
+
+    real = read_dataset(write_phantom_dataset(tmp_path / "mr", modality="mr", num=4, size=16, progress=False).root)
+    fixed = IntensityMapping(kind="mr_percentiles", low=0.0, high=900.0)
+    received: dict[str, np.ndarray] = {}
+
+    class Recorder:
+        name, intensity = "recorder", fixed
+
+        def predict(self, image: np.ndarray) -> np.ndarray:
+            received[len(received)] = fixed.forward(image)
+            return np.zeros(image.shape, np.int64)
+
+    train = [SimpleNamespace(case_id=real.cases[0].case_id)]
+    config = SimpleNamespace(segmentations=None, settings=SimpleNamespace(seed=0))
+    _mask_fidelity(real, real, train, phantom_labels("mr"), config, Recorder())
+    held = [c for c in real.cases if c.case_id != train[0].case_id]
+    ceiling_inputs = list(received.values())[-len(held):]  # synthetic cases first, then the real ceiling
+    for case, seen in zip(held, ceiling_inputs):
+        np.testing.assert_allclose(seen, load_case(real, case, with_label=False)[1], atol=1e-4)
