@@ -80,13 +80,9 @@ def real_reader(dataset, pipe) -> Callable[[Any], np.ndarray]:
     an MR file as it is would not: its scale (600-1000 a.u. per phantom) and bias differ from case to
     case, and the pipeline's mapping is one fixed window.
     """
-    from medsynth.data.patches import load_case
+    from medsynth.data.patches import image_as_trained
 
-    def read(case) -> np.ndarray:
-        _, model_range, _, _ = load_case(dataset, case, with_label=False)
-        return np.asarray(pipe.intensity.inverse(model_range), np.float32)
-
-    return read
+    return lambda case: image_as_trained(dataset, case, file_reader(case), pipe.intensity)
 
 
 def file_reader(case) -> np.ndarray:

@@ -111,6 +111,20 @@ def load_case(dataset: Dataset, case: Case, with_label: bool = True):
     return volume, np.asarray(mapping.forward(array), dtype=np.float32), mapping, label
 
 
+def image_as_trained(dataset: Dataset, case: Case, array: np.ndarray, output: IntensityMapping) -> np.ndarray:
+    """A real case's image ``(X, Y, Z)`` as the models were trained on it, in ``output``'s units.
+
+    The case's own mapping (the CT window, or per-case percentiles on MR) takes it to the model
+    range, then ``output`` (a pipeline's single fixed mapping) back, so anything that applies
+    ``output.forward`` (a pipeline's segmenter, its autoencoder) sees exactly the training input.
+    For CT this is the file clipped to the window; for MR it removes the scale and bias that vary
+    from case to case, which one fixed window cannot.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    own = intensity_mapping_for(dataset, case, array)
+    return np.asarray(output.inverse(own.forward(array)), dtype=np.float32)
+
+
 class LoadCased(MapTransform):
     """MONAI dict transform: ``{"case": Case}`` -> adds ``image`` ``(1, X, Y, Z)`` float32 in
     ``[-1, 1]`` (and ``label`` ``(1, X, Y, Z)`` int when ``with_label``). Deterministic, so
@@ -219,5 +233,5 @@ class PatchDataModule(L.LightningDataModule):
                 "num_train_cases": len(self.train_cases), "num_val_cases": len(self.val_cases)}
 
 
-__all__ = ["PatchDataConfig", "PatchDataModule", "LoadCased", "dataset_modality",
+__all__ = ["PatchDataConfig", "PatchDataModule", "LoadCased", "dataset_modality", "image_as_trained",
            "intensity_mapping_for", "split_cases", "load_case", "PAD_VALUE"]

@@ -269,16 +269,13 @@ def _mask_fidelity(real_ds: Dataset, syn_ds: Dataset, train: Sequence[CaseData],
         segmenter = ThresholdSegmenter().fit(pairs, labels, seed=config.settings.seed)
 
     def real_as_trained(case: Case, image: Volume) -> np.ndarray:
-        """A real image as a pipeline's segmenter was trained on it: the case's own mapping to the
-        model range (per-case percentiles on MR), back through the segmenter's fixed mapping, which
-        its ``predict`` applies. Reading an MR file as it is would score a shift in scale instead."""
+        """A pipeline segmenter applies its fixed mapping; a real MR case was trained on per case."""
         mapping = getattr(segmenter, "intensity", None)
         if mapping is None:  # the threshold segmenter is fitted on the files' own units
             return image.array
-        from medsynth.data.patches import intensity_mapping_for
+        from medsynth.data.patches import image_as_trained
 
-        own = intensity_mapping_for(real_ds, case, np.asarray(image.array, np.float32))
-        return np.asarray(mapping.inverse(own.forward(np.asarray(image.array, np.float32))), np.float32)
+        return image_as_trained(real_ds, case, image.array, mapping)
 
     def score(case: Case, provided: Path | None, real: bool = False) -> dict[str, Any] | None:
         if case.label is None:
