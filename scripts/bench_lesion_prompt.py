@@ -49,6 +49,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 LESION_PROMPT = "CT abdomen portal venous, liver lesion 38 mm, female, 60"
 NONE_PROMPT = "CT abdomen portal venous, no lesion, female, 60"
+# autoencoder downsampling per axis -> its config
+AUTOENCODERS = {4: "configs/autoencoder/tiny.yaml", 2: "configs/autoencoder/tiny_f2.yaml"}
 
 
 def phantom_cases(root: Path, num: int, size: int, lesion_rate: float, lesion_size: tuple[float, float],
@@ -159,11 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", choices=("fixed", "scanner"), default="fixed",
                         help="phantom noise model (medsynth phantoms --noise); results are written as "
                              "lesion_prompt_cpu[_SIZE][_scanner_noise].*, beside the default's")
+    parser.add_argument("--latent-factor", type=int, choices=sorted(AUTOENCODERS), default=4,
+                        help="autoencoder downsampling per axis: 4 (configs/autoencoder/tiny.yaml, the demo's) or "
+                             "2 (tiny_f2.yaml, where a 3-voxel lesion spans more than one latent voxel); the DiT "
+                             "patch keeps 512 tokens either way; results get an _f2 suffix")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
     stem = ("lesion_prompt_cpu" + (f"_{args.size}" if args.size != 32 else "")
-            + ("_scanner_noise" if args.noise == "scanner" else ""))
+            + ("_scanner_noise" if args.noise == "scanner" else "")
+            + (f"_f{args.latent_factor}" if args.latent_factor != 4 else ""))
     if args.size % 32:
         parser.error(f"--size must be a multiple of 32 (the tiny autoencoder's patch), got {args.size}")
     if args.quick:
@@ -201,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         # above 32^3 the autoencoder trains on 32^3 crops (the tiny config's patch; the same cost per
         # step) and the DiT patchifies its larger latent grid, so both keep 512 tokens per volume
-        autoencoder = fit_autoencoder(train_images, args.ae_steps, crop=32 if args.size > 32 else None)
+        autoencoder = fit_autoencoder(train_images, args.ae_steps, crop=32 if args.size > 32 else None,
+                                      config=AUTOENCODERS[args.latent_factor])
         timings["autoencoder"] = round(time.perf_counter() - t0, 1)
         contrast = lesion_contrast(autoencoder, [images[i] for i in held], [labels[i] for i in held], liver, lesion)
         scale = write_cache(autoencoder, train_images, [records[i] for i in train], work / "cache")
         dit_cfg = yaml.safe_load((REPO / "configs/dit/tiny.yaml").read_text())
-        dit_cfg["model"]["patch_size"] = [max(1, args.size // 32)] * 3
+        latent_edge = args.size // args.latent_factor
+        dit_cfg["model"]["in_channels"] = int(autoencoder.encode(torch.zeros(1, 1, 32, 32, 32)).shape[1])
+        dit_cfg["model"]["patch_size"] = [max(1, latent_edge // 8)] * 3  # 8^3 = 512 tokens
         t0 = time.perf_counter()
         export = fit_dit(work / "cache", work / "dit", dit_cfg, accelerator="cpu", devices=1,
                          max_steps=args.dit_steps)
@@ -238,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                      "autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps,
                      "judge_steps": args.judge_steps, "sampling_steps": args.steps, "guidance": args.guidance,
                      "min_lesion_voxels": args.min_lesion_voxels, "phantom_noise": args.noise,
-                     "autoencoder": "configs/autoencoder/tiny.yaml", "dit": "configs/dit/tiny.yaml"},
+                     "autoencoder": AUTOENCODERS[args.latent_factor], "dit": "configs/dit/tiny.yaml",
+                     "latent_factor": args.latent_factor},
         "train_seconds": timings,
         "judge_on_real_held_out": {k: {"fired": f, "cases": n} for k, (f, n) in judge_rows.items()},
         "lesion_contrast_held_out": contrast,
@@ -263,8 +274,9 @@ def render(r: dict, figure_path: Path) -> str:
              f"lesions; {s['held_out']} held out), lesion rate {s['lesion_rate']}, lesions "
              f"{s['lesion_size_mm'][0]:g}-{s['lesion_size_mm'][1]:g} mm, phantom noise "
              f"'{s.get('phantom_noise', 'fixed')}', CT window {s['window_hu']} HU -> [-1, 1]. "
-             f"Tiny VQ-GAN ({s['autoencoder_steps']} steps, {r['train_seconds']['autoencoder']} s) and tiny DiT "
-             f"({s['dit_steps']} steps, {r['train_seconds']['dit']} s) trained on the training cases' own prompts; "
+             f"Tiny VQ-GAN (`{s['autoencoder']}`, {s.get('latent_factor', 4)}x downsampling per axis, "
+             f"{s['autoencoder_steps']} steps, {r['train_seconds']['autoencoder']} s) and tiny DiT (patch {s['dit_patch']}, "
+             f"{s['dit_steps']} steps, {r['train_seconds']['dit']} s) trained on the training cases' own prompts; "
              "the metadata (modality, region, spacing) says nothing about lesions. "
              f"{s['sampling_steps']} Euler steps, guidance {s['guidance']}, the same seeds for both prompts.", "",
              f"Judge: a SegResNet trained {s['judge_steps']} steps ({r['train_seconds']['judge']} s) on the real "

@@ -81,18 +81,20 @@ class RandomCrops(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(image[window]))[None]}
 
 
-def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0, crop: int | None = None):
+def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0, crop: int | None = None,
+                    config: str = "configs/autoencoder/tiny.yaml"):
     """The tiny VQ-GAN on both modalities' volumes (reconstruction only at this budget).
 
     ``crop``: train on random ``crop^3`` crops (the tiny config's 32^3 patch) of larger volumes,
     so a step costs the same at 64^3 as at 32^3; the convolutional model then encodes whole volumes.
+    ``config``: the autoencoder config, relative to the repository (tiny.yaml: 4x; tiny_f2.yaml: 2x).
     """
     import lightning as L
     from torch.utils.data import DataLoader
 
     from medsynth.training.autoencoder import AutoencoderModule
 
-    cfg = yaml.safe_load((REPO / "configs/autoencoder/tiny.yaml").read_text())
+    cfg = yaml.safe_load((REPO / config).read_text())
     training = {**cfg["training"], "max_steps": steps}
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(cfg["model"], cfg["discriminator"], training)

@@ -198,6 +198,35 @@ def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path, caps
     assert not (tmp_path / "never").exists()
 
 
+def test_demo_latent_factor_2_pairs_the_2x_autoencoder_with_a_patch_2_dit(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    import medsynth.cli.demo as demo
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(demo, "run_command", lambda argv: seen.append(argv))
+    state = demo.DemoState(outputs={"prepared dataset": tmp_path, "latent cache": tmp_path})
+    for factor in (4, 2):
+        settings = demo.DemoSettings(out=tmp_path / f"demo{factor}", progress=False, latent_factor=factor)
+        try:
+            demo.stage_autoencoder(settings, state)
+        except FileNotFoundError:  # no metrics.json: run_command is a recorder here
+            pass
+        demo.stage_dit(settings, state)
+    configs = [Path(argv[argv.index("--config") + 1]) for argv in seen if argv[1] == "fit"]
+    assert [c.name for c in configs] == ["tiny.yaml", "tiny.yaml", "tiny_f2.yaml", "dit_tiny_f2.yaml"]
+    autoencoder = yaml.safe_load(configs[2].read_text())["model"]
+    dit = yaml.safe_load(configs[3].read_text())["model"]
+    # 2x autoencoder: 32^3 -> 16^3 latents; patch 2 keeps 8^3 = 512 tokens like the default
+    assert len(autoencoder["channels"]) == 2 and dit["patch_size"] == [2, 2, 2]
+    assert dit["in_channels"] == autoencoder["latent_channels"]
+    assert configs[3].parent == tmp_path / "demo2"  # written beside the outputs, never into configs/
+    with pytest.raises(SystemExit):  # argparse's choices: 3 is refused before anything runs
+        main(["demo", "--latent-factor", "3", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
 def test_demo_lesion_spec_survives_in_the_label_map() -> None:
     from medsynth.cli.demo import lesion_spec
     from medsynth.pipelines.lesions import LesionSpec
@@ -208,16 +237,18 @@ def test_demo_lesion_spec_survives_in_the_label_map() -> None:
         assert spec.min_mm >= 2 * voxel  # lesion insertion refuses < 2 voxels
 
 
-@pytest.mark.parametrize("modality", ["ct", "mr"])
-def test_demo_quick_runs_end_to_end(modality: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's main job, both modalities, as a smoke run (about a minute each on 2 cores)."""
+@pytest.mark.parametrize(("modality", "latent_factor"), [("ct", 4), ("mr", 4), ("ct", 2)])
+def test_demo_quick_runs_end_to_end(modality: str, latent_factor: int, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main job, both modalities and both autoencoders, as a smoke run (about a minute each on 2 cores)."""
     code, out, _ = run_cli(capsys, "demo", "--quick", "--modality", modality, "--out", str(tmp_path / "demo"),
-                           "--no-progress")
+                           "--latent-factor", str(latent_factor), "--no-progress")
     assert code == 0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert {"phantom dataset", "autoencoder", "label generator", "pipeline", "synthetic dataset", "cohort audit",
             "evaluation report", "segmentation benchmark"} <= set(summary["outputs"])
     assert set(summary["metrics"]) == {"autoencoder", "segmentation benchmark"}
+    assert summary["settings"]["latent_factor"] == latent_factor
     assert {"real", "synthetic"} <= set(summary["metrics"]["segmentation benchmark"])
     cohort = read_dataset(tmp_path / "demo" / "cohort")
     assert len(cohort.cases) == 4 and all(c.label is not None for c in cohort.cases)
