@@ -25,7 +25,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet, SwinUNETR, UNet
-from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+from monai.transforms import Compose, RandCropByLabelClassesd, RandSpatialCropd, SpatialPadd
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -48,6 +48,11 @@ class SegmenterConfig:
             a common SegResNet / UNet setting with AdamW.
         accelerator, devices: passed to the Lightning Trainer ("cpu", "gpu", "auto"; 1, 2, ...).
         precision: Trainer precision; "32-true" on CPU, "bf16-mixed" is fine on recent GPUs.
+        foreground_oversampling: share of patches centred on a voxel of one foreground class,
+            drawn uniformly among the classes present in the case (nnU-Net centres one patch in
+            three on foreground). 0 (default) keeps uniform random crops, the benchmark's
+            protocol. Matters only when the volume is larger than the patch: a lesion that fills
+            0.1 % of a 64^3 volume is in few 32^3 random crops.
     """
 
     network: str = "segresnet"
@@ -58,6 +63,7 @@ class SegmenterConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = "32-true"
+    foreground_oversampling: float = 0.0
 
     def __post_init__(self) -> None:
         if self.network not in NETWORKS:
@@ -75,6 +81,9 @@ class SegmenterConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if not 0.0 <= self.foreground_oversampling <= 1.0:
+            raise ConfigError(f"foreground_oversampling must be between 0 and 1 (a share of patches), "
+                              f"got {self.foreground_oversampling}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,29 +130,49 @@ class PatchDataset(Dataset):
     """``steps * batch_size`` random patches from uniformly drawn cases.
 
     Item ``i`` is a dict with ``image`` ``(1, P, P, P)`` float32 and ``label`` ``(1, P, P, P)``
-    int64. The case sequence and the crop positions depend only on ``seed``, so a condition
-    trained twice with one seed sees the same patches (single-process loading).
+    int64. The case sequence, the crop kinds and the crop positions depend only on ``seed``, so a
+    condition trained twice with one seed sees the same patches (single-process loading).
+    With ``foreground_oversampling`` f > 0, a share f of the patches is centred on a voxel of a
+    foreground class chosen uniformly among those present in the case (MONAI
+    ``RandCropByLabelClassesd``; ``num_classes`` classes, background never chosen); cases without
+    foreground fall back to a random crop.
     """
 
-    def __init__(self, cases: Sequence[SegCase], patch: int, length: int, seed: int) -> None:
+    def __init__(self, cases: Sequence[SegCase], patch: int, length: int, seed: int,
+                 foreground_oversampling: float = 0.0, num_classes: int | None = None) -> None:
         if not cases:
             raise ConfigError("a training condition has no cases")
+        if foreground_oversampling > 0 and (num_classes is None or num_classes < 2):
+            raise ConfigError(f"foreground oversampling needs num_classes >= 2 (background + one class), "
+                              f"got {num_classes}")
         self.cases = list(cases)
         self.length = int(length)
-        self.order = np.random.default_rng(seed).integers(0, len(self.cases), self.length)
+        rng = np.random.default_rng(seed)
+        self.order = rng.integers(0, len(self.cases), self.length)
+        self.centred = rng.random(self.length) < foreground_oversampling
+        keys = ("image", "label")
         # Pad first so every volume holds a full patch: small phantoms and thin slabs still train.
-        self.transform = Compose([SpatialPadd(keys=("image", "label"), spatial_size=(patch,) * 3),
-                                  RandSpatialCropd(keys=("image", "label"), roi_size=(patch,) * 3,
-                                                   random_size=False)])
-        self.transform.set_random_state(seed=seed)
+        self.pad = SpatialPadd(keys=keys, spatial_size=(patch,) * 3)
+        # Compose seeds its crop from ``seed`` as before oversampling existed: same patches at f = 0.
+        self.random_crop = Compose([self.pad, RandSpatialCropd(keys=keys, roi_size=(patch,) * 3, random_size=False)])
+        self.random_crop.set_random_state(seed=seed)
+        self.class_crop = None
+        if foreground_oversampling > 0:
+            self.class_crop = RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=(patch,) * 3,
+                                                      ratios=[0] + [1] * (num_classes - 1), num_classes=num_classes,
+                                                      num_samples=1, warn=False)
+            self.class_crop.set_random_state(seed=seed + 1)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         case = self.cases[int(self.order[index])]
-        item = self.transform({"image": torch.from_numpy(case.image[None]),
-                               "label": torch.from_numpy(case.label[None])})
+        item = {"image": torch.from_numpy(case.image[None]), "label": torch.from_numpy(case.label[None])}
+        if self.class_crop is not None and self.centred[index] and (case.label > 0).any():
+            item = self.class_crop(self.pad(item))[0]
+        else:
+            item = self.random_crop(item)
         return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long()}
 
 
@@ -185,7 +214,8 @@ def train_segmenter(cases: Sequence[SegCase], num_classes: int, config: Segmente
     """
     L.seed_everything(seed, workers=True, verbose=False)
     module = SegmentationModule(config.network, num_classes, config.lr)
-    data = PatchDataset(cases, config.patch, config.steps * config.batch_size, seed)
+    data = PatchDataset(cases, config.patch, config.steps * config.batch_size, seed,
+                        config.foreground_oversampling, num_classes)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=0, drop_last=True)
     # One Trainer per condition and seed: its start-up banner (devices, tips) would repeat
     # dozens of times, so Lightning's info lines are muted for the run.
@@ -261,7 +291,8 @@ class TrainedSegmenter:
 
 def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labels: dict[str, int],
                             intensity: Any, steps: int, patch: int = 32, seed: int = 0,
-                            accelerator: str = "auto", lr: float = AGREEMENT_LR) -> TrainedSegmenter:
+                            accelerator: str = "auto", lr: float = AGREEMENT_LR,
+                            foreground_oversampling: float = 0.0) -> TrainedSegmenter:
     """Train the quality checks' segmenter on real ``(image, label)`` training pairs.
 
     Args:
@@ -271,6 +302,8 @@ def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labe
         intensity: the output-units -> model-range mapping applied before :meth:`predict`.
         steps, patch, seed: SegResNet budget (see :class:`SegmenterConfig`).
         lr: AdamW learning rate; see :data:`AGREEMENT_LR`.
+        foreground_oversampling: share of patches centred on foreground (see
+            :class:`SegmenterConfig`); for volumes larger than ``patch`` with rare classes.
 
     Raises:
         ConfigError: no cases, bad budget.
@@ -278,7 +311,7 @@ def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labe
     if not cases:
         raise ConfigError("the agreement segmenter needs labelled real training cases; none were given")
     config = SegmenterConfig(network="segresnet", patch=patch, steps=steps, accelerator=accelerator, devices=1,
-                             lr=lr)
+                             lr=lr, foreground_oversampling=foreground_oversampling)
     seg_cases = [SegCase(f"case_{i}", "real", np.asarray(img, np.float32), np.asarray(lab, np.int64), (1.0, 1.0, 1.0))
                  for i, (img, lab) in enumerate(cases)]
     num_classes = max(int(v) for v in labels.values()) + 1

@@ -181,3 +181,36 @@ def test_config_errors_name_values() -> None:
         SegmenterConfig(network="swinunetr", patch=48)
     with pytest.raises(ConfigError, match="'vnet'"):
         SegmenterConfig(network="vnet")
+    with pytest.raises(ConfigError, match="between 0 and 1.*got 1.5"):
+        SegmenterConfig(foreground_oversampling=1.5)
+
+
+def test_foreground_oversampling_centres_patches_on_rare_classes() -> None:
+    from medsynth.training.segmentation import PatchDataset, SegCase
+
+    label = np.zeros((64, 64, 64), np.int64)
+    label[10:50, 10:50, 10:50] = 1  # a large organ
+    label[44:47, 44:47, 44:47] = 2  # a 27-voxel lesion: 0.01 % of the volume
+    image = np.arange(label.size, dtype=np.float32).reshape(label.shape)  # each value names its voxel
+    cases = [SegCase("a", "real", image, label, (1.0, 1.0, 1.0)),
+             SegCase("empty", "real", image, np.zeros_like(label), (1.0, 1.0, 1.0))]
+
+    def lesion_share(oversampling: float) -> tuple[float, float]:
+        data = PatchDataset(cases[:1], 16, 120, seed=3, foreground_oversampling=oversampling, num_classes=3)
+        patches = [data[i] for i in range(len(data))]
+        assert all(p["image"].shape == p["label"].shape == (1, 16, 16, 16) for p in patches)
+        for p in patches:  # image and label are cropped at the same place
+            x, y, z = np.unravel_index(int(p["image"][0, 0, 0, 0]), image.shape)
+            assert np.array_equal(p["label"][0].numpy(), label[x:x + 16, y:y + 16, z:z + 16])
+        return (float(np.mean([(p["label"] == 2).any() for p in patches])),
+                float(np.mean([(p["label"] == 1).any() for p in patches])))
+
+    uniform, centred = lesion_share(0.0), lesion_share(1.0)
+    assert uniform[0] < 0.15  # few random 16^3 crops of 64^3 touch the lesion
+    # classes drawn uniformly among those present: about half of the patches are on the lesion
+    assert 0.35 < centred[0] < 0.75 and centred[1] == 1.0
+    # a case with no foreground falls back to a random crop instead of failing
+    empty = PatchDataset(cases[1:], 16, 4, seed=0, foreground_oversampling=1.0, num_classes=3)
+    assert all(not empty[i]["label"].any() for i in range(4))
+    with pytest.raises(ConfigError, match="num_classes >= 2"):
+        PatchDataset(cases, 16, 4, seed=0, foreground_oversampling=0.5)
