@@ -198,8 +198,8 @@ def test_demo_train_scale_multiplies_the_model_budgets_only(tmp_path: Path, caps
     assert not (tmp_path / "never").exists()
 
 
-def test_demo_latent_factor_2_pairs_the_2x_autoencoder_with_a_patch_2_dit(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_latent_factors_pair_each_autoencoder_with_its_dit(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
     import medsynth.cli.demo as demo
@@ -207,6 +207,7 @@ def test_demo_latent_factor_2_pairs_the_2x_autoencoder_with_a_patch_2_dit(tmp_pa
     seen: list[list[str]] = []
     monkeypatch.setattr(demo, "run_command", lambda argv: seen.append(argv))
     state = demo.DemoState(outputs={"prepared dataset": tmp_path, "latent cache": tmp_path})
+    assert demo.DemoSettings(out=tmp_path).latent_factor == 2  # the measured better default
     for factor in (4, 2):
         settings = demo.DemoSettings(out=tmp_path / f"demo{factor}", progress=False, latent_factor=factor)
         try:
@@ -215,13 +216,15 @@ def test_demo_latent_factor_2_pairs_the_2x_autoencoder_with_a_patch_2_dit(tmp_pa
             pass
         demo.stage_dit(settings, state)
     configs = [Path(argv[argv.index("--config") + 1]) for argv in seen if argv[1] == "fit"]
-    assert [c.name for c in configs] == ["tiny.yaml", "tiny.yaml", "tiny_f2.yaml", "dit_tiny_f2.yaml"]
-    autoencoder = yaml.safe_load(configs[2].read_text())["model"]
-    dit = yaml.safe_load(configs[3].read_text())["model"]
-    # 2x autoencoder: 32^3 -> 16^3 latents; patch 2 keeps 8^3 = 512 tokens like the default
-    assert len(autoencoder["channels"]) == 2 and dit["patch_size"] == [2, 2, 2]
-    assert dit["in_channels"] == autoencoder["latent_channels"]
-    assert configs[3].parent == tmp_path / "demo2"  # written beside the outputs, never into configs/
+    assert [c.relative_to(demo.CONFIGS).as_posix() for c in configs] == [
+        "autoencoder/tiny.yaml", "dit/tiny.yaml", "autoencoder/tiny_f2.yaml", "dit/tiny_f2.yaml"]
+    for ae_path, dit_path in (configs[:2], configs[2:]):
+        autoencoder = yaml.safe_load(ae_path.read_text())["model"]
+        dit = yaml.safe_load(dit_path.read_text())["model"]
+        factor = 2 ** (len(autoencoder["channels"]) - 1)
+        assert dit["in_channels"] == autoencoder["latent_channels"]
+        # 32^3 -> (32 / factor)^3 latents -> 8^3 = 512 tokens with either pair
+        assert 32 // factor // dit["patch_size"][0] == 8 and len(set(dit["patch_size"])) == 1
     with pytest.raises(SystemExit):  # argparse's choices: 3 is refused before anything runs
         main(["demo", "--latent-factor", "3", "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
@@ -237,7 +240,7 @@ def test_demo_lesion_spec_survives_in_the_label_map() -> None:
         assert spec.min_mm >= 2 * voxel  # lesion insertion refuses < 2 voxels
 
 
-@pytest.mark.parametrize(("modality", "latent_factor"), [("ct", 4), ("mr", 4), ("ct", 2)])
+@pytest.mark.parametrize(("modality", "latent_factor"), [("ct", 2), ("mr", 2), ("ct", 4)])
 def test_demo_quick_runs_end_to_end(modality: str, latent_factor: int, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     """The README's main job, both modalities and both autoencoders, as a smoke run (about a minute each on 2 cores)."""
