@@ -166,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="phantom noise model (medsynth phantoms --noise); results are written as "
                              "lesion_prompt_cpu[_SIZE][_scanner_noise].*, beside the default's")
     parser.add_argument("--latent-factor", type=int, choices=sorted(AUTOENCODERS), default=4,
-                        help="autoencoder downsampling per axis: 4 (configs/autoencoder/tiny.yaml, the demo's) or "
-                             "2 (tiny_f2.yaml, where a 3-voxel lesion spans more than one latent voxel); the DiT "
-                             "patch keeps 512 tokens either way; results get an _f2 suffix")
+                        help="autoencoder downsampling per axis: 4 (configs/autoencoder/tiny.yaml; the default here, so "
+                             "earlier pages reproduce) or 2 (tiny_f2.yaml, the demo's default, where a 3-voxel "
+                             "lesion spans more than one latent voxel); the DiT patch keeps 512 tokens either way; "
+                             "results get an _f2 suffix")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
