@@ -57,8 +57,9 @@ def fitted(ct_data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_file_parses(path):
     cfg = ae_cli.load_run_config(path)
-    assert cfg["model"].downsample_factor in (4, 8)
-    assert {p.stem for p in CONFIGS} >= {"tiny", "base", "large"}
+    assert cfg["model"].downsample_factor in (2, 4, 8)
+    assert all(s % cfg["model"].downsample_factor == 0 for s in cfg["model"].patch_size)
+    assert {p.stem for p in CONFIGS} >= {"tiny", "tiny_f2", "base", "large"}
 
 
 def test_config_errors_name_the_value(tmp_path):
