@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-lesion-voxels", type=int, default=3)
     parser.add_argument("--judge-oversampling", type=float, default=1 / 3,
                         help="share of the judge's 32^3 training patches centred on a foreground class (nnU-Net's "
-                             "1/3); above 32^3 a lesion is otherwise in few random crops (at 64^3 with 0 the judge "
-                             "found 0/15 real lesions); no effect at 32^3, where a patch is the whole volume")
+                             "1/3); above 32^3 a lesion is otherwise in few random crops; no effect at 32^3, where "
+                             "a patch is the whole volume (at 64^3 the judge found 0/15 real lesions with 0 and "
+                             "with 1/3 alike: docs/benchmarks/lesion_prompt_cpu_64_scanner_noise.md)")
     parser.add_argument("--noise", choices=("fixed", "scanner"), default="fixed",
                         help="phantom noise model (medsynth phantoms --noise); results are written as "
                              "lesion_prompt_cpu[_SIZE][_scanner_noise].*, beside the default's")
