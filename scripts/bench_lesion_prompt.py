@@ -49,8 +49,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 LESION_PROMPT = "CT abdomen portal venous, liver lesion 38 mm, female, 60"
 NONE_PROMPT = "CT abdomen portal venous, no lesion, female, 60"
-# autoencoder downsampling per axis -> its config
-AUTOENCODERS = {4: "configs/autoencoder/tiny.yaml", 2: "configs/autoencoder/tiny_f2.yaml"}
 
 
 def phantom_cases(root: Path, num: int, size: int, lesion_rate: float, lesion_size: tuple[float, float],
@@ -141,6 +139,8 @@ def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medsynth.cli.demo import TINY_CONFIGS  # the demo's autoencoder/DiT pairs, by downsampling factor
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     parser.add_argument("--num", type=int, default=48, help="CT phantoms (about 30%% of them are held out)")
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", choices=("fixed", "scanner"), default="fixed",
                         help="phantom noise model (medsynth phantoms --noise); results are written as "
                              "lesion_prompt_cpu[_SIZE][_scanner_noise].*, beside the default's")
-    parser.add_argument("--latent-factor", type=int, choices=sorted(AUTOENCODERS), default=4,
+    parser.add_argument("--latent-factor", type=int, choices=sorted(TINY_CONFIGS), default=4,
                         help="autoencoder downsampling per axis: 4 (configs/autoencoder/tiny.yaml; the default here, so "
                              "earlier pages reproduce) or 2 (tiny_f2.yaml, the demo's default, where a 3-voxel "
                              "lesion spans more than one latent voxel); the DiT patch keeps 512 tokens either way; "
@@ -215,14 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         # above 32^3 the autoencoder trains on 32^3 crops (the tiny config's patch; the same cost per
         # step) and the DiT patchifies its larger latent grid, so both keep 512 tokens per volume
         autoencoder = fit_autoencoder(train_images, args.ae_steps, crop=32 if args.size > 32 else None,
-                                      config=AUTOENCODERS[args.latent_factor])
+                                      config=f"configs/autoencoder/{TINY_CONFIGS[args.latent_factor]}")
         timings["autoencoder"] = round(time.perf_counter() - t0, 1)
         contrast = lesion_contrast(autoencoder, [images[i] for i in held], [labels[i] for i in held], liver, lesion)
         scale = write_cache(autoencoder, train_images, [records[i] for i in train], work / "cache")
-        dit_cfg = yaml.safe_load((REPO / "configs/dit/tiny.yaml").read_text())
-        latent_edge = args.size // args.latent_factor
-        dit_cfg["model"]["in_channels"] = int(autoencoder.encode(torch.zeros(1, 1, 32, 32, 32)).shape[1])
-        dit_cfg["model"]["patch_size"] = [max(1, latent_edge // 8)] * 3  # 8^3 = 512 tokens
+        # the DiT paired with the autoencoder (the demo's pairs), its patch grown with the grid
+        dit_cfg = yaml.safe_load((REPO / "configs/dit" / TINY_CONFIGS[args.latent_factor]).read_text())
+        dit_cfg["model"]["patch_size"] = [max(1, args.size // args.latent_factor // 8)] * 3  # 8^3 = 512 tokens
         t0 = time.perf_counter()
         export = fit_dit(work / "cache", work / "dit", dit_cfg, accelerator="cpu", devices=1,
                          max_steps=args.dit_steps)
@@ -255,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                      "judge_steps": args.judge_steps, "judge_oversampling": round(args.judge_oversampling, 3),
                      "sampling_steps": args.steps, "guidance": args.guidance,
                      "min_lesion_voxels": args.min_lesion_voxels, "phantom_noise": args.noise,
-                     "autoencoder": AUTOENCODERS[args.latent_factor], "dit": "configs/dit/tiny.yaml",
+                     "autoencoder": f"configs/autoencoder/{TINY_CONFIGS[args.latent_factor]}",
+                     "dit": f"configs/dit/{TINY_CONFIGS[args.latent_factor]}",
                      "latent_factor": args.latent_factor},
         "train_seconds": timings,
         "judge_on_real_held_out": {k: {"fired": f, "cases": n} for k, (f, n) in judge_rows.items()},

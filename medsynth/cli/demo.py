@@ -81,8 +81,8 @@ class DemoSettings:
 # is 4 // factor, so a 32^3 image is 8^3 = 512 tokens either way and a DiT step costs the same. 2 is
 # the default: on 160 CT phantoms it reconstructs at 35.0 dB against 32.3 dB and lifts held-out
 # mask fidelity by 0.02-0.07 Dice per organ (docs/benchmarks/conditioning_ct_160x5_f2.md).
-AUTOENCODER_CONFIGS: dict[int, str] = {4: "tiny.yaml", 2: "tiny_f2.yaml"}
-DIT_CONFIGS: dict[int, str] = {4: "tiny.yaml", 2: "tiny_f2.yaml"}
+# The same file name in configs/autoencoder/ and configs/dit/ names each pair.
+TINY_CONFIGS: dict[int, str] = {4: "tiny.yaml", 2: "tiny_f2.yaml"}
 
 
 @dataclass
@@ -120,7 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phantom-noise", choices=("fixed", "scanner"), default="fixed",
                    help="phantom noise model (medsynth phantoms --noise): 'scanner' scales the noise with the "
                         "voxel volume, so 32^3 phantoms are nearly noise-free and lesions stay visible")
-    p.add_argument("--latent-factor", type=int, choices=sorted(AUTOENCODER_CONFIGS), default=2,
+    p.add_argument("--latent-factor", type=int, choices=sorted(TINY_CONFIGS), default=2,
                    help="autoencoder downsampling per axis: 2 (default, configs/autoencoder/tiny_f2.yaml with "
                         "configs/dit/tiny_f2.yaml, patch 2) or 4 (tiny.yaml with the patch-1 tiny DiT); both give "
                         "512 tokens per 32^3 image, 2 reconstructs sharper and keeps small lesions")
@@ -190,7 +190,7 @@ def _quiet(settings: DemoSettings) -> list[str]:
 def stage_autoencoder(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "autoencoder"
     data = state.outputs["prepared dataset"]
-    config = CONFIGS / "autoencoder" / AUTOENCODER_CONFIGS[settings.latent_factor]
+    config = CONFIGS / "autoencoder" / TINY_CONFIGS[settings.latent_factor]
     run_command(["autoencoder", "fit", "--config", str(config), "--data", str(data),
                  "--out", str(run), "--max-steps", _train_steps(settings, 400, 30), "--accelerator", "cpu",
                  "--precision", "32", *_quiet(settings)])
@@ -213,7 +213,7 @@ def stage_encode(settings: DemoSettings, state: DemoState) -> str:
 
 def stage_dit(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "dit"
-    run_command(["dit", "fit", "--config", str(CONFIGS / "dit" / DIT_CONFIGS[settings.latent_factor]), "--cache",
+    run_command(["dit", "fit", "--config", str(CONFIGS / "dit" / TINY_CONFIGS[settings.latent_factor]), "--cache",
                  str(state.outputs["latent cache"]), "--out", str(run), "--max-steps", _train_steps(settings, 400, 20),
                  "--accelerator", "cpu"])
     state.outputs["DiT"] = run / "export"

@@ -25,7 +25,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet, SwinUNETR, UNet
-from monai.transforms import Compose, RandCropByLabelClassesd, RandSpatialCropd, SpatialPadd
+from monai.transforms import ClassesToIndicesd, Compose, RandCropByLabelClassesd, RandSpatialCropd, SpatialPadd
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -157,20 +157,29 @@ class PatchDataset(Dataset):
         self.random_crop = Compose([self.pad, RandSpatialCropd(keys=keys, roi_size=(patch,) * 3, random_size=False)])
         self.random_crop.set_random_state(seed=seed)
         self.class_crop = None
+        self.has_foreground = [bool((c.label > 0).any()) for c in self.cases]
+        # Voxel indices of every class per case, found once on first use: MONAI would otherwise
+        # scan the whole label map again for every centred patch.
+        self.class_indices: dict[int, dict[str, Any]] = {}
         if foreground_oversampling > 0:
+            self.find_classes = ClassesToIndicesd(keys="label", num_classes=num_classes)
             self.class_crop = RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=(patch,) * 3,
                                                       ratios=[0] + [1] * (num_classes - 1), num_classes=num_classes,
-                                                      num_samples=1, warn=False)
+                                                      num_samples=1, indices_key="label_cls_indices", warn=False)
             self.class_crop.set_random_state(seed=seed + 1)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        case = self.cases[int(self.order[index])]
+        case_index = int(self.order[index])
+        case = self.cases[case_index]
         item = {"image": torch.from_numpy(case.image[None]), "label": torch.from_numpy(case.label[None])}
-        if self.class_crop is not None and self.centred[index] and (case.label > 0).any():
-            item = self.class_crop(self.pad(item))[0]
+        if self.class_crop is not None and self.centred[index] and self.has_foreground[case_index]:
+            item = self.pad(item)
+            if case_index not in self.class_indices:
+                self.class_indices[case_index] = self.find_classes({"label": item["label"]})["label_cls_indices"]
+            item = self.class_crop({**item, "label_cls_indices": self.class_indices[case_index]})[0]
         else:
             item = self.random_crop(item)
         return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long()}
