@@ -10,6 +10,14 @@ Reads a ``medsynth demo`` folder (its pipeline, real phantom dataset and cohort)
 2. **Mask fidelity** (ControlNet issue): per-class Dice between the cohort's conditioning masks
    and the segmenter's output on the generated images, beside the same segmenter on real
    held-out phantoms (the ceiling); lesion detection rate by lesion size.
+4. **Lesion detection by size, paired** (``--lesion-masks N``): a lesion of each requested size
+   is inserted into up to N held-out label maps; one image is generated from the map with the
+   lesion (and a prompt asking for it) and one from the map without (and a prompt asking for
+   none), same seed. A contrast rule fit on the real training images
+   (:mod:`medsynth.evaluation.lesion_contrast`; false-alarm rate 5 % per size bin on real
+   lesion-free regions) decides whether the lesion is there; the same region of the image made
+   without it gives the false-alarm rate on synthetic images. Beside it: the rule on the real
+   held-out lesions (the ceiling) and on decoy regions of the real held-out images.
 3. **A figure**: one seed, text only / mask only / text + mask, central axial slices.
 
 Usage::
@@ -17,6 +25,7 @@ Usage::
     medsynth demo --out runs/demo_ct                    # (and --modality mr for MR)
     python scripts/bench_conditioning.py --demo runs/demo_ct --out docs/benchmarks --num 8
     python scripts/bench_conditioning.py --demo runs/demo_ct --num 8 --mask-guidance 1.5 3 5   # + a sweep
+    python scripts/bench_conditioning.py --demo runs/demo_ct --num 8 --lesion-masks 24          # + lesions by size
 
 Writes ``conditioning_<modality>.json`` / ``.md`` and ``figures/conditioning_<modality>.png``.
 """
@@ -39,6 +48,11 @@ from scipy import ndimage
 LARGE_CLASSES = {"ct": ["liver", "spleen", "kidney_left", "kidney_right"],
                  "mr": ["white_matter", "grey_matter", "csf", "ventricles"]}
 LESION = {"ct": ("liver_lesion", "liver lesion"), "mr": ("tumour_core", "tumour")}
+# Where inserted lesions go, every label that is lesion (cleared before a lesion is inserted) and
+# whether contrast is relative to the surround (MR has no absolute intensity scale).
+LESION_HOST = {"ct": "liver", "mr": "white_matter"}
+LESION_LABELS = {"ct": ("liver_lesion",), "mr": ("tumour_core", "tumour_oedema")}
+RELATIVE_CONTRAST = {"ct": False, "mr": True}
 
 
 def segmenter_lr() -> float:
@@ -228,6 +242,81 @@ def lesion_detection(cohort, segmenter, lesion_value: int, spacing_of) -> dict:
     return {k: {"detected": d, "lesions": n, "rate": d / n} for k, (d, n) in sorted(bins.items())}
 
 
+def fit_contrast_rule(dataset, pipe, modality: str, sizes_mm: list[float], seed: int):
+    """The lesion contrast rule fit on the real training split (images as the models saw them)."""
+    from medsynth.evaluation.lesion_contrast import ContrastRule
+    from medsynth.io import read_volume
+
+    read = real_reader(dataset, pipe)
+    train = set(dataset.splits.get("train", []))
+    pairs = ((read(c), read_volume(c.label, kind="label")) for c in dataset.cases
+             if c.case_id in train and c.label is not None)
+    return ContrastRule.fit(pairs, LESION[modality][0], LESION_HOST[modality], pipe.labels, sizes_mm,
+                            relative=RELATIVE_CONTRAST[modality], seed=seed)
+
+
+def finding_prompt(prompt: str | None, modality: str, diameter_mm: float | None) -> str | None:
+    """A phantom prompt (``"<head>, <finding>, <sex>, <age>"``) with its finding replaced: one lesion of
+    ``diameter_mm``, or none (None)."""
+    if not prompt:
+        return prompt
+    parts = prompt.split(", ")
+    if diameter_mm is None:
+        finding = "no lesion" if modality == "ct" else "no tumour"
+    else:
+        finding = f"liver lesion {diameter_mm:.0f} mm" if modality == "ct" else f"tumour {diameter_mm:.0f} mm with oedema"
+    return ", ".join([parts[0], finding, *parts[2:]]) if len(parts) >= 2 else f"{prompt}, {finding}"
+
+
+def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_mm: list[float], steps: int,
+                            seed: int) -> dict:
+    """Lesions inserted into held-out masks, judged by the contrast rule in images generated with and
+    without them (same seed), beside the rule on real held-out lesions and on decoys in real images."""
+    from medsynth.cohort.run import clear_lesions
+    from medsynth.errors import ConfigError
+    from medsynth.evaluation.lesion_contrast import decoy_components, detection_by_bin
+    from medsynth.io import read_volume
+    from medsynth.pipelines.lesions import LesionSpec, insert_lesions
+
+    labels = pipe.labels
+    name, host = LESION[modality][0], LESION_HOST[modality]
+    value, cleared = labels[name], [labels[n] for n in LESION_LABELS[modality] if n in labels]
+    rng = np.random.default_rng(seed)
+    read = real_reader(dataset, pipe)
+    real_rows, decoy_rows, with_rows, without_rows, skipped = [], [], [], [], 0
+    cases = held_out_cases(dataset)
+    for index, case in enumerate(cases):
+        mask = read_volume(case.label, kind="label")
+        image = read(case)
+        real_rows += rule.judge(image, mask.array, [value], mask.spacing)
+        decoys = decoy_components(mask, name, host, labels, sizes_mm, rng)
+        decoy_rows += rule.judge(image, mask.array, [value], mask.spacing, components=decoys)
+        if index >= num:
+            continue
+        clean, _ = clear_lesions(mask, cleared)
+        size = sizes_mm[index % len(sizes_mm)]
+        try:
+            placed, records = insert_lesions(clean, [LesionSpec(name, 1, 0.9 * size, 1.1 * size, host)], labels, rng)
+        except ConfigError:  # it does not fit this mask's host: the next mask takes the next size
+            skipped += 1
+            continue
+        component = ((np.asarray(placed.array) == value) & (np.asarray(clean.array) != value)).astype(np.int32)
+        metadata = {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}
+        # the same region is judged in both images, with the surround the lesion has in the mask
+        for target, lesion_mask, diameter in ((with_rows, placed, records[0]["diameter_mm"]),
+                                              (without_rows, clean, None)):
+            volume = pipe(finding_prompt(case.prompt, modality, diameter), num_inference_steps=steps,
+                          mask=lesion_mask, metadata=metadata or None,
+                          generator=torch.Generator().manual_seed(seed + index))[0]
+            target += rule.judge(volume.array, np.asarray(placed.array), [value], mask.spacing, components=component)
+    return {"rule": rule.to_dict(), "held_out_cases": len(cases), "masks": min(num, len(cases)),
+            "skipped_masks": skipped, "sizes_mm": sizes_mm,
+            "real_lesions": detection_by_bin(real_rows), "real_decoys": detection_by_bin(decoy_rows),
+            "synthetic_with_lesion": detection_by_bin(with_rows),
+            "synthetic_without_lesion": detection_by_bin(without_rows),
+            "rows": {"with_lesion": with_rows, "without_lesion": without_rows}}
+
+
 def steering_figure(pipe, mask_volume, prompt: str, seed: int, steps: int, out_png: Path) -> Path:
     """Same seed: text only, mask only, text + mask; the mask's outline on every panel."""
     import matplotlib
@@ -277,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-masks", type=int, default=0,
                         help="also generate from up to N held-out real label maps (val + test) and compare, mask by "
                              "mask, with the judge on the real images of the same masks")
+    parser.add_argument("--lesion-masks", type=int, default=0,
+                        help="also insert one lesion into each of up to N held-out label maps and judge, with a contrast "
+                             "rule fit on the real training images, whether images generated with it show it (and "
+                             "whether images generated without it show one there): lesion detection by size")
+    parser.add_argument("--lesion-sizes", type=float, nargs="+", default=[25.0, 35.0, 45.0], metavar="MM",
+                        help="diameters of the inserted lesions, used in turn (each +/- 10 %%)")
     parser.add_argument("--judge-dir", type=Path, default=None,
                         help="keep the trained judge here and reuse it when it is already there (trained on the same "
                              "demo's training split for the same --judge-steps; anything else is refused), so several "
@@ -359,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         record["held_out_masks"] = held_out_mask_fidelity(pipe, dataset, segmenter, pipe.labels, modality,
                                                           args.held_out_masks, args.mask_guidance or [None],
                                                           args.steps, args.seed)
+    if args.lesion_masks > 0:
+        from medsynth.errors import InputError
+
+        try:
+            rule = fit_contrast_rule(dataset, pipe, modality, args.lesion_sizes, args.seed)
+            record["lesion_contrast"] = paired_lesion_detection(pipe, dataset, rule, modality, args.lesion_masks,
+                                                                args.lesion_sizes, args.steps, args.seed)
+        except InputError as err:  # e.g. no real lesion in a small training split: say so on the page
+            record["lesion_contrast"] = {"skipped": str(err)}
     with_mask = next(c for c in cohort.cases if c.label is not None)
     figure = steering_figure(pipe, read_volume(with_mask.label, kind="label"), prompt_lesion, args.seed, args.steps,
                              args.out / "figures" / f"conditioning_{modality}.png")
@@ -422,6 +526,30 @@ def render(r: dict, figure: Path) -> str:
               "|---|---|---|"]
     for key, v in r["lesion_detection"].items():
         lines.append(f"| {key} | {v['detected']}/{v['lesions']} | {v['rate']:.2f} |")
+    paired = r.get("lesion_contrast")
+    if paired and "skipped" in paired:
+        lines += ["", "## Lesion detection by size (paired, contrast rule)", "", f"Not measured: {paired['skipped']}."]
+    elif paired:
+        rule = paired["rule"]
+        unit = "relative to the surround mean" if rule["relative"] else "output units (HU)"
+        lines += ["", "## Lesion detection by size (paired, contrast rule)", "",
+                  f"One lesion inserted into each of {paired['masks'] - paired['skipped_masks']} held-out label maps "
+                  f"({paired['skipped_masks']} had no room), sizes {paired['sizes_mm']} mm in turn; an image generated "
+                  "from the map with the lesion and a prompt asking for it, and one from the map without it and a "
+                  "prompt asking for none (same seed). A lesion counts as shown when its contrast against the tissue "
+                  f"around it ({unit}) exceeds the threshold of its size bin, fit on the real training images so that "
+                  f"{rule['false_alarm']:.0%} of lesion-free real regions of that size pass "
+                  f"({rule['real_lesions']} real lesions set the sign; decoys per bin {rule['decoys']}).", "",
+                  "| diameter | threshold | real held-out lesions (ceiling) | real held-out, lesion-free decoys | "
+                  "synthetic, lesion in mask | synthetic, same region without it |", "|---|---|---|---|---|---|"]
+        bins = sorted({b for key in ("real_lesions", "real_decoys", "synthetic_with_lesion", "synthetic_without_lesion")
+                       for b in paired[key]}, key=lambda b: int(b.split("-")[0]))
+        cell = lambda v: "-" if v is None else f"{v['detected']}/{v['lesions']} ({v['rate']:.2f})"  # noqa: E731
+        for b in bins:
+            threshold = rule["thresholds"].get(b, rule["pooled_threshold"])
+            lines.append(f"| {b} | {threshold:.3g} | " + " | ".join(
+                cell(paired[key].get(b)) for key in ("real_lesions", "real_decoys", "synthetic_with_lesion",
+                                                     "synthetic_without_lesion")) + " |")
     lines += ["", f"![text only, mask only, text + mask]({figure})", "", f"Run time: {r['seconds']} s.", ""]
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
                            "--out", str(out), "--num", "1", "--steps", "2", "--judge-steps", "3",
-                           "--mask-guidance", "1", "4", "--held-out-masks", "2",
+                           "--mask-guidance", "1", "4", "--held-out-masks", "2", "--lesion-masks", "2",
                            "--judge-dir", str(tmp_path / "judge")],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,6 +44,17 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert all(set(row) <= set(held["real"]) and all(0.0 <= v <= 1.0 for v in row.values())
                for row in held["synthetic"].values())
     assert "held-out masks (paired)" in page
+    # lesions by size: measured on both images of each pair, or skipped with the reason
+    lesions = record["lesion_contrast"]
+    assert "paired, contrast rule" in page
+    if "skipped" in lesions:
+        assert "no 'liver_lesion' lesion" in lesions["skipped"] and lesions["skipped"] in page
+    else:
+        rows = lesions["rows"]
+        assert len(rows["with_lesion"]) == len(rows["without_lesion"]) == lesions["masks"] - lesions["skipped_masks"]
+        for with_it, without_it in zip(rows["with_lesion"], rows["without_lesion"]):
+            assert with_it["diameter_mm"] == without_it["diameter_mm"]  # the same region in both images
+        assert lesions["rule"]["sign"] in (1.0, -1.0)
 
     # a second pipeline folder scored by the same judge: it is loaded, not trained again
     again = tmp_path / "bench2"
@@ -91,3 +102,14 @@ def test_real_mr_cases_reach_the_judge_as_the_models_saw_them(tmp_path: Path) ->
         np.testing.assert_allclose(seen, trained_on, atol=1e-4)
         raw = fixed.forward(read_volume(case.image).array)  # the file read as it is: another image
         assert own.high != fixed.high and np.abs(raw - trained_on).max() > 0.05
+
+
+def test_finding_prompt_swaps_only_the_finding() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_conditioning import finding_prompt
+
+    assert finding_prompt("CT abdomen portal venous, no lesion, female, 60", "ct", 34.6) == \
+        "CT abdomen portal venous, liver lesion 35 mm, female, 60"
+    assert finding_prompt("MR head T1, tumour 22 mm with oedema, male, 41", "mr", None) == \
+        "MR head T1, no tumour, male, 41"
+    assert finding_prompt(None, "ct", 30.0) is None
