@@ -269,12 +269,13 @@ def finding_prompt(prompt: str | None, modality: str, diameter_mm: float | None)
 
 
 def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_mm: list[float], steps: int,
-                            seed: int) -> dict:
+                            seed: int, mask_guidance: float | None = None) -> dict:
     """Lesions inserted into held-out masks, judged by the contrast rule in images generated with and
     without them (same seed), beside the rule on real held-out lesions and on decoys in real images."""
     from medsynth.cohort.run import clear_lesions
     from medsynth.errors import ConfigError
-    from medsynth.evaluation.lesion_contrast import decoy_components, detection_by_bin
+    from medsynth.evaluation.lesion_contrast import (added_contrast_by_bin, contrast_by_bin, decoy_components,
+                                                     detection_by_bin)
     from medsynth.io import read_volume
     from medsynth.pipelines.lesions import LesionSpec, insert_lesions
 
@@ -306,7 +307,7 @@ def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_
         for target, lesion_mask, diameter in ((with_rows, placed, records[0]["diameter_mm"]),
                                               (without_rows, clean, None)):
             volume = pipe(finding_prompt(case.prompt, modality, diameter), num_inference_steps=steps,
-                          mask=lesion_mask, metadata=metadata or None,
+                          mask=lesion_mask, mask_guidance_scale=mask_guidance, metadata=metadata or None,
                           generator=torch.Generator().manual_seed(seed + index))[0]
             target += rule.judge(volume.array, np.asarray(placed.array), [value], mask.spacing, components=component)
     return {"rule": rule.to_dict(), "held_out_cases": len(cases), "masks": min(num, len(cases)),
@@ -314,6 +315,8 @@ def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_
             "real_lesions": detection_by_bin(real_rows), "real_decoys": detection_by_bin(decoy_rows),
             "synthetic_with_lesion": detection_by_bin(with_rows),
             "synthetic_without_lesion": detection_by_bin(without_rows),
+            "mask_guidance": "default" if mask_guidance is None else mask_guidance,
+            "real_contrast": contrast_by_bin(real_rows), "added_contrast": added_contrast_by_bin(with_rows, without_rows),
             "rows": {"with_lesion": with_rows, "without_lesion": without_rows}}
 
 
@@ -372,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                              "whether images generated without it show one there): lesion detection by size")
     parser.add_argument("--lesion-sizes", type=float, nargs="+", default=[25.0, 35.0, 45.0], metavar="MM",
                         help="diameters of the inserted lesions, used in turn (each +/- 10 %%)")
+    parser.add_argument("--lesion-mask-guidance", type=float, default=None,
+                        help="mask guidance scale of the --lesion-masks images (default: the ControlNet's)")
     parser.add_argument("--judge-dir", type=Path, default=None,
                         help="keep the trained judge here and reuse it when it is already there (trained on the same "
                              "demo's training split for the same --judge-steps; anything else is refused), so several "
@@ -460,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rule = fit_contrast_rule(dataset, pipe, modality, args.lesion_sizes, args.seed)
             record["lesion_contrast"] = paired_lesion_detection(pipe, dataset, rule, modality, args.lesion_masks,
-                                                                args.lesion_sizes, args.steps, args.seed)
+                                                                args.lesion_sizes, args.steps, args.seed,
+                                                                args.lesion_mask_guidance)
         except InputError as err:  # e.g. no real lesion in a small training split: say so on the page
             record["lesion_contrast"] = {"skipped": str(err)}
     with_mask = next(c for c in cohort.cases if c.label is not None)
@@ -550,6 +556,18 @@ def render(r: dict, figure: Path) -> str:
             lines.append(f"| {b} | {threshold:.3g} | " + " | ".join(
                 cell(paired[key].get(b)) for key in ("real_lesions", "real_decoys", "synthetic_with_lesion",
                                                      "synthetic_without_lesion")) + " |")
+        added, real = paired.get("added_contrast", {}), paired.get("real_contrast", {})
+        spread = lambda v: "-" if v is None else (  # noqa: E731
+            f"{v['mean']:.3g}" + ("" if v["se"] is None else f" +/- {v['se']:.2g}") + f" (n = {v['lesions']})")
+        lines += ["", "The contrast each lesion adds to its region (image with it minus image without it, same seed "
+                  "and region; mean +/- standard error), beside the contrast of the real held-out lesions. This "
+                  "cancels what the generator draws in the region anyway, which the rule's real-image thresholds "
+                  f"cannot know about. Mask guidance: {paired.get('mask_guidance', 'default')}.", "",
+                  "| diameter | real lesions: contrast | synthetic: contrast added by the lesion | "
+                  "added contrast above the threshold |", "|---|---|---|---|"]
+        for b in sorted(set(added) | set(real), key=lambda b: int(b.split("-")[0])):
+            hits = "-" if b not in added else f"{added[b]['above_threshold']}/{added[b]['lesions']}"
+            lines.append(f"| {b} | {spread(real.get(b))} | {spread(added.get(b))} | {hits} |")
     lines += ["", f"![text only, mask only, text + mask]({figure})", "", f"Run time: {r['seconds']} s.", ""]
     return "\n".join(lines)
 

@@ -55,6 +55,10 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
         for with_it, without_it in zip(rows["with_lesion"], rows["without_lesion"]):
             assert with_it["diameter_mm"] == without_it["diameter_mm"]  # the same region in both images
         assert lesions["rule"]["sign"] in (1.0, -1.0)
+        added = lesions["added_contrast"]
+        assert set(added) == set(lesions["synthetic_with_lesion"])
+        assert sum(v["lesions"] for v in added.values()) == len(rows["with_lesion"])
+        assert "contrast added by the lesion" in page
 
     # a second pipeline folder scored by the same judge: it is loaded, not trained again
     again = tmp_path / "bench2"

@@ -107,3 +107,26 @@ def test_bins_and_bad_input() -> None:
         ContrastRule.fit([(image, label)], "liver_lesion", "liver", LABELS, [16.0])
     with pytest.raises(ConfigError, match="false_alarm"):
         ContrastRule.fit([(image, label)], "liver_lesion", "liver", LABELS, [16.0], false_alarm=0.7)
+
+
+def test_added_contrast_cancels_what_the_region_shows_anyway() -> None:
+    """A generator that draws every region 10 HU brighter than its rim fools the plain rule one way;
+    the paired difference sees only what the lesion adds."""
+    from medsynth.evaluation.lesion_contrast import added_contrast_by_bin, contrast_by_bin
+
+    rule = ContrastRule(sign=1.0, thresholds={"20-30 mm": 5.0}, pooled_threshold=5.0, false_alarm=0.05,
+                        relative=False, ring=2, real_lesions=1)
+    rng = np.random.default_rng(6)
+    with_rows, without_rows = [], []
+    for _ in range(8):
+        image, label = case(rng, (12, 12, 12), lesion_drop=-10.0, noise=1.0)  # without: region 10 HU brighter
+        drawn = image - 8.0 * (label.array == 2)  # with: the lesion darkens it by 8 HU
+        without_rows += rule.judge(image, label.array, [2], SPACING)
+        with_rows += rule.judge(drawn, label.array, [2], SPACING)
+    assert not any(r["detected"] for r in with_rows)  # -2 HU: the plain rule sees no lesion
+    (added,) = added_contrast_by_bin(with_rows, without_rows).values()
+    assert added["mean"] == pytest.approx(8.0, abs=0.1) and added["lesions"] == 8 and added["above_threshold"] == 8
+    (plain,) = contrast_by_bin(with_rows).values()
+    assert plain["mean"] == pytest.approx(-2.0, abs=0.5) and plain["se"] < 0.5
+    with pytest.raises(InputError, match="same regions"):
+        added_contrast_by_bin(with_rows[:1], [dict(without_rows[0], voxels=1)])
