@@ -242,17 +242,28 @@ def lesion_detection(cohort, segmenter, lesion_value: int, spacing_of) -> dict:
     return {k: {"detected": d, "lesions": n, "rate": d / n} for k, (d, n) in sorted(bins.items())}
 
 
-def fit_contrast_rule(dataset, pipe, modality: str, sizes_mm: list[float], seed: int):
-    """The lesion contrast rule fit on the real training split (images as the models saw them)."""
+def contrast_group(case, modality: str) -> str:
+    """Which lesion contrast rule judges a case: one per MR sequence (a tumour core is brighter than
+    its surround on T1 and darker on T2 and FLAIR), one for all CT cases."""
+    return str((case.metadata or {}).get("sequence", "all")) if modality == "mr" else "all"
+
+
+def fit_contrast_rules(dataset, pipe, modality: str, sizes_mm: list[float], seed: int) -> dict:
+    """The lesion contrast rules ``{group: ContrastRule}`` fit on the real training split (images as
+    the models saw them), one per :func:`contrast_group`."""
     from medsynth.evaluation.lesion_contrast import ContrastRule
     from medsynth.io import read_volume
 
     read = real_reader(dataset, pipe)
     train = set(dataset.splits.get("train", []))
-    pairs = ((read(c), read_volume(c.label, kind="label")) for c in dataset.cases
-             if c.case_id in train and c.label is not None)
-    return ContrastRule.fit(pairs, LESION[modality][0], LESION_HOST[modality], pipe.labels, sizes_mm,
-                            relative=RELATIVE_CONTRAST[modality], seed=seed)
+    groups: dict[str, list] = {}
+    for c in dataset.cases:
+        if c.case_id in train and c.label is not None:
+            groups.setdefault(contrast_group(c, modality), []).append(c)
+    return {group: ContrastRule.fit(((read(c), read_volume(c.label, kind="label")) for c in cases),
+                                    LESION[modality][0], LESION_HOST[modality], pipe.labels, sizes_mm,
+                                    relative=RELATIVE_CONTRAST[modality], seed=seed)
+            for group, cases in sorted(groups.items())}
 
 
 def finding_prompt(prompt: str | None, modality: str, diameter_mm: float | None) -> str | None:
@@ -268,12 +279,12 @@ def finding_prompt(prompt: str | None, modality: str, diameter_mm: float | None)
     return ", ".join([parts[0], finding, *parts[2:]]) if len(parts) >= 2 else f"{prompt}, {finding}"
 
 
-def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_mm: list[float], steps: int,
+def paired_lesion_detection(pipe, dataset, rules: dict, modality: str, num: int, sizes_mm: list[float], steps: int,
                             seed: int, mask_guidance: float | None = None) -> dict:
     """Lesions inserted into held-out masks, judged by the contrast rule in images generated with and
     without them (same seed), beside the rule on real held-out lesions and on decoys in real images."""
     from medsynth.cohort.run import clear_lesions
-    from medsynth.errors import ConfigError
+    from medsynth.errors import ConfigError, InputError
     from medsynth.evaluation.lesion_contrast import (added_contrast_by_bin, contrast_by_bin, decoy_components,
                                                      detection_by_bin)
     from medsynth.io import read_volume
@@ -289,6 +300,10 @@ def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_
     for index, case in enumerate(cases):
         mask = read_volume(case.label, kind="label")
         image = read(case)
+        group = contrast_group(case, modality)
+        if group not in rules:
+            raise InputError(f"no contrast rule for {group!r} cases: the training split has none of them")
+        rule = rules[group]
         real_rows += rule.judge(image, mask.array, [value], mask.spacing)
         decoys = decoy_components(mask, name, host, labels, sizes_mm, rng)
         decoy_rows += rule.judge(image, mask.array, [value], mask.spacing, components=decoys)
@@ -310,7 +325,7 @@ def paired_lesion_detection(pipe, dataset, rule, modality: str, num: int, sizes_
                           mask=lesion_mask, mask_guidance_scale=mask_guidance, metadata=metadata or None,
                           generator=torch.Generator().manual_seed(seed + index))[0]
             target += rule.judge(volume.array, np.asarray(placed.array), [value], mask.spacing, components=component)
-    return {"rule": rule.to_dict(), "held_out_cases": len(cases), "masks": min(num, len(cases)),
+    return {"rules": {g: r.to_dict() for g, r in rules.items()}, "held_out_cases": len(cases), "masks": min(num, len(cases)),
             "skipped_masks": skipped, "sizes_mm": sizes_mm,
             "real_lesions": detection_by_bin(real_rows), "real_decoys": detection_by_bin(decoy_rows),
             "synthetic_with_lesion": detection_by_bin(with_rows),
@@ -463,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         from medsynth.errors import InputError
 
         try:
-            rule = fit_contrast_rule(dataset, pipe, modality, args.lesion_sizes, args.seed)
-            record["lesion_contrast"] = paired_lesion_detection(pipe, dataset, rule, modality, args.lesion_masks,
+            rules = fit_contrast_rules(dataset, pipe, modality, args.lesion_sizes, args.seed)
+            record["lesion_contrast"] = paired_lesion_detection(pipe, dataset, rules, modality, args.lesion_masks,
                                                                 args.lesion_sizes, args.steps, args.seed,
                                                                 args.lesion_mask_guidance)
         except InputError as err:  # e.g. no real lesion in a small training split: say so on the page
@@ -536,8 +551,12 @@ def render(r: dict, figure: Path) -> str:
     if paired and "skipped" in paired:
         lines += ["", "## Lesion detection by size (paired, contrast rule)", "", f"Not measured: {paired['skipped']}."]
     elif paired:
-        rule = paired["rule"]
+        rules = paired["rules"]
+        rule = next(iter(rules.values()))
         unit = "relative to the surround mean" if rule["relative"] else "output units (HU)"
+        per_group = "" if len(rules) == 1 else (
+            f" One rule per MR sequence ({', '.join(rules)}; thresholds in that order): the sign of a tumour's "
+            "contrast differs between them.")
         lines += ["", "## Lesion detection by size (paired, contrast rule)", "",
                   f"One lesion inserted into each of {paired['masks'] - paired['skipped_masks']} held-out label maps "
                   f"({paired['skipped_masks']} had no room), sizes {paired['sizes_mm']} mm in turn; an image generated "
@@ -545,15 +564,16 @@ def render(r: dict, figure: Path) -> str:
                   "prompt asking for none (same seed). A lesion counts as shown when its contrast against the tissue "
                   f"around it ({unit}) exceeds the threshold of its size bin, fit on the real training images so that "
                   f"{rule['false_alarm']:.0%} of lesion-free real regions of that size pass "
-                  f"({rule['real_lesions']} real lesions set the sign; decoys per bin {rule['decoys']}).", "",
+                  f"({' + '.join(str(r['real_lesions']) for r in rules.values())} real lesions set the sign; decoys "
+                  f"per bin {[r['decoys'] for r in rules.values()]}).{per_group}", "",
                   "| diameter | threshold | real held-out lesions (ceiling) | real held-out, lesion-free decoys | "
                   "synthetic, lesion in mask | synthetic, same region without it |", "|---|---|---|---|---|---|"]
         bins = sorted({b for key in ("real_lesions", "real_decoys", "synthetic_with_lesion", "synthetic_without_lesion")
                        for b in paired[key]}, key=lambda b: int(b.split("-")[0]))
         cell = lambda v: "-" if v is None else f"{v['detected']}/{v['lesions']} ({v['rate']:.2f})"  # noqa: E731
         for b in bins:
-            threshold = rule["thresholds"].get(b, rule["pooled_threshold"])
-            lines.append(f"| {b} | {threshold:.3g} | " + " | ".join(
+            threshold = " / ".join(f"{r['thresholds'].get(b, r['pooled_threshold']):.3g}" for r in rules.values())
+            lines.append(f"| {b} | {threshold} | " + " | ".join(
                 cell(paired[key].get(b)) for key in ("real_lesions", "real_decoys", "synthetic_with_lesion",
                                                      "synthetic_without_lesion")) + " |")
         added, real = paired.get("added_contrast", {}), paired.get("real_contrast", {})

@@ -54,7 +54,7 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
         assert len(rows["with_lesion"]) == len(rows["without_lesion"]) == lesions["masks"] - lesions["skipped_masks"]
         for with_it, without_it in zip(rows["with_lesion"], rows["without_lesion"]):
             assert with_it["diameter_mm"] == without_it["diameter_mm"]  # the same region in both images
-        assert lesions["rule"]["sign"] in (1.0, -1.0)
+        assert list(lesions["rules"]) == ["all"] and lesions["rules"]["all"]["sign"] in (1.0, -1.0)  # CT: one rule
         added = lesions["added_contrast"]
         assert set(added) == set(lesions["synthetic_with_lesion"])
         assert sum(v["lesions"] for v in added.values()) == len(rows["with_lesion"])
@@ -117,3 +117,30 @@ def test_finding_prompt_swaps_only_the_finding() -> None:
     assert finding_prompt("MR head T1, tumour 22 mm with oedema, male, 41", "mr", None) == \
         "MR head T1, no tumour, male, 41"
     assert finding_prompt(None, "ct", 30.0) is None
+
+
+def test_mr_tumours_are_judged_by_one_contrast_rule_per_sequence(tmp_path: Path) -> None:
+    """A tumour core is darker than white matter on T1 and brighter on T2/FLAIR: one rule for all
+    sequences would learn no sign. Each sequence gets its own rule, and each rule's sign follows
+    its own real tumours."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_conditioning import contrast_group, fit_contrast_rules
+
+    from medsynth.data.phantom_dataset import write_phantom_dataset
+    from medsynth.data.transforms import IntensityMapping
+
+    dataset = write_phantom_dataset(tmp_path / "mr", modality="mr", num=12, size=32, lesion_rate=1.0,
+                                    lesion_size_mm=(20.0, 30.0), progress=False)
+    pipe = SimpleNamespace(intensity=IntensityMapping(kind="mr_percentiles", low=0.0, high=900.0),
+                           labels={k: int(v) for k, v in dataset.labels.items()})
+    train = [c for c in dataset.cases if c.case_id in set(dataset.splits["train"])]
+    sequences = {contrast_group(c, "mr") for c in train}
+    rules = fit_contrast_rules(dataset, pipe, "mr", [22.0], seed=0)
+    assert set(rules) == sequences and len(rules) >= 2
+    signs = {group: rule.sign for group, rule in rules.items()}
+    # phantom T1: the core (0.45) is darker than white matter; T2 and FLAIR: brighter
+    assert all(sign == (1.0 if group == "T1" else -1.0) for group, sign in signs.items()), signs
+    assert "T1" in signs and len(set(signs.values())) == 2
+    assert contrast_group(train[0], "ct") == "all"
