@@ -228,15 +228,16 @@ def added_contrast_by_bin(with_rows: Iterable[Mapping[str, Any]], without_rows: 
     """Paired images (one made with the lesion in its mask, one without, same seed): the contrast
     the lesion adds to its region, ``with - without`` per lesion, by size bin:
     ``{bin: {"lesions", "mean", "se", "above_threshold"}}``. ``above_threshold`` counts lesions
-    whose added contrast exceeds their bin's threshold (more than 95 % of lesion-free real
-    regions show). Unlike the plain rule this cancels whatever the generator draws in that region
+    whose added contrast is positive and exceeds their bin's threshold (more than 95 % of
+    lesion-free real regions show; where that threshold is negative, lesion-free regions mostly
+    read as the opposite of a lesion and only a positive addition counts). Unlike the plain rule this cancels whatever the generator draws in that region
     anyway (e.g. a blurred organ edge), which a threshold fit on real images cannot know about."""
     bins: dict[str, list[tuple[float, bool]]] = {}
     for with_it, without_it in zip(with_rows, without_rows, strict=True):
         if with_it["voxels"] != without_it["voxels"]:
             raise InputError("paired rows must judge the same regions in the same order")
         added = float(with_it["contrast"]) - float(without_it["contrast"])
-        bins.setdefault(with_it["bin"], []).append((added, added > float(with_it["threshold"])))
+        bins.setdefault(with_it["bin"], []).append((added, added > max(0.0, float(with_it["threshold"]))))
     out = {}
     for b in sorted(bins, key=lambda b: int(b.split("-")[0])):
         out[b] = {**_mean_se([a for a, _ in bins[b]]), "above_threshold": sum(hit for _, hit in bins[b])}

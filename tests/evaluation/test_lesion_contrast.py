@@ -130,3 +130,15 @@ def test_added_contrast_cancels_what_the_region_shows_anyway() -> None:
     assert plain["mean"] == pytest.approx(-2.0, abs=0.5) and plain["se"] < 0.5
     with pytest.raises(InputError, match="same regions"):
         added_contrast_by_bin(with_rows[:1], [dict(without_rows[0], voxels=1)])
+
+
+def test_an_added_contrast_counts_only_when_positive() -> None:
+    """A negative threshold (lesion-free regions mostly read as the opposite of a lesion) must not
+    count a lesion that adds nothing, or one that adds the wrong sign."""
+    from medsynth.evaluation.lesion_contrast import added_contrast_by_bin
+
+    def row(contrast: float) -> dict:
+        return {"bin": "20-30 mm", "voxels": 10, "contrast": contrast, "threshold": -0.03}
+
+    added = added_contrast_by_bin([row(0.0), row(-0.01), row(0.05)], [row(0.0), row(0.0), row(0.0)])
+    assert added["20-30 mm"]["above_threshold"] == 1
