@@ -45,8 +45,8 @@ def size_bin(diameter_mm: float) -> str:
 
 @dataclass(frozen=True)
 class LesionContrast:
-    """One lesion's measurement. ``contrast`` is signed by the rule (None before a rule is applied:
-    ``raw`` is ``mean(surround) - mean(lesion)``)."""
+    """One lesion's measurement: ``raw`` is ``mean(surround) - mean(lesion)`` (divided by the
+    surround mean in relative mode), before a rule applies its sign."""
 
     diameter_mm: float
     voxels: int
