@@ -48,10 +48,9 @@ from scipy import ndimage
 LARGE_CLASSES = {"ct": ["liver", "spleen", "kidney_left", "kidney_right"],
                  "mr": ["white_matter", "grey_matter", "csf", "ventricles"]}
 LESION = {"ct": ("liver_lesion", "liver lesion"), "mr": ("tumour_core", "tumour")}
-# Where inserted lesions go, every label that is lesion (cleared before a lesion is inserted) and
-# whether contrast is relative to the surround (MR has no absolute intensity scale).
+# Where inserted lesions go, and whether contrast is relative to the surround (MR has no absolute
+# intensity scale).
 LESION_HOST = {"ct": "liver", "mr": "white_matter"}
-LESION_LABELS = {"ct": ("liver_lesion",), "mr": ("tumour_core", "tumour_oedema")}
 RELATIVE_CONTRAST = {"ct": False, "mr": True}
 
 
@@ -218,11 +217,14 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     return out
 
 
-def lesion_detection(cohort, segmenter, lesion_value: int, spacing_of) -> dict:
-    """Detection of each conditioned lesion (connected component) by its equivalent diameter."""
+def lesion_detection(cohort, segmenter, lesion_value: int) -> dict:
+    """Detection of each conditioned lesion (connected component) by the judge, by its equivalent
+    diameter: ``{bin: {"detected", "lesions", "rate"}}``."""
+    from medsynth.data.phantom_shapes import Grid, equivalent_diameter
+    from medsynth.evaluation.lesion_contrast import detection_by_bin, size_bin
     from medsynth.io import read_volume
 
-    bins = {}
+    rows = []
     for case in cohort.cases:
         label_volume = read_volume(case.label, kind="label")
         label = label_volume.array
@@ -230,21 +232,17 @@ def lesion_detection(cohort, segmenter, lesion_value: int, spacing_of) -> dict:
             continue
         prediction = segmenter.predict(file_reader(case)) == lesion_value
         components, count = ndimage.label(label == lesion_value, structure=np.ones((3, 3, 3)))
-        voxel_mm3 = float(np.prod(label_volume.spacing))
+        grid = Grid(label.shape, label_volume.spacing)
         for index in range(1, count + 1):
             component = components == index
-            diameter = (6 * component.sum() * voxel_mm3 / np.pi) ** (1 / 3)
-            key = f"{int(diameter // 10 * 10)}-{int(diameter // 10 * 10 + 10)} mm"
-            hit = bool((prediction & component).any())
-            bins.setdefault(key, [0, 0])
-            bins[key][0] += hit
-            bins[key][1] += 1
-    return {k: {"detected": d, "lesions": n, "rate": d / n} for k, (d, n) in sorted(bins.items())}
+            rows.append({"bin": size_bin(equivalent_diameter(int(component.sum()), grid)),
+                         "detected": bool((prediction & component).any())})
+    return detection_by_bin(rows)
 
 
 def contrast_group(case, modality: str) -> str:
-    """Which lesion contrast rule judges a case: one per MR sequence (a tumour core is brighter than
-    its surround on T1 and darker on T2 and FLAIR), one for all CT cases."""
+    """Which lesion contrast rule judges a case: one per MR sequence (a tumour core is darker than
+    white matter on T1 and brighter on T2 and FLAIR), one for all CT cases."""
     return str((case.metadata or {}).get("sequence", "all")) if modality == "mr" else "all"
 
 
@@ -287,12 +285,13 @@ def paired_lesion_detection(pipe, dataset, rules: dict, modality: str, num: int,
     from medsynth.errors import ConfigError, InputError
     from medsynth.evaluation.lesion_contrast import (added_contrast_by_bin, contrast_by_bin, decoy_components,
                                                      detection_by_bin)
+    from medsynth.evaluation.segmentation import lesion_classes
     from medsynth.io import read_volume
     from medsynth.pipelines.lesions import LesionSpec, insert_lesions
 
     labels = pipe.labels
     name, host = LESION[modality][0], LESION_HOST[modality]
-    value, cleared = labels[name], [labels[n] for n in LESION_LABELS[modality] if n in labels]
+    value, cleared = labels[name], [labels[n] for n in lesion_classes(labels)]  # MR: tumour core and oedema
     rng = np.random.default_rng(seed)
     read = real_reader(dataset, pipe)
     real_rows, decoy_rows, with_rows, without_rows, skipped = [], [], [], [], 0
@@ -466,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     record["judge_on_real"] = real_judge(dataset, segmenter, lesion_value, args.min_lesion_voxels,
                                          real_reader(dataset, pipe))
     record["mask_fidelity"] = mask_fidelity(dataset, cohort, segmenter, pipe.labels, modality, pipe)
-    record["lesion_detection"] = lesion_detection(cohort, segmenter, lesion_value, None)
+    record["lesion_detection"] = lesion_detection(cohort, segmenter, lesion_value)
     if args.mask_guidance:
         record["mask_guidance_sweep"] = mask_guidance_sweep(pipe, cohort, segmenter, pipe.labels, modality,
                                                             args.mask_guidance, args.steps)
@@ -547,6 +546,8 @@ def render(r: dict, figure: Path) -> str:
               "|---|---|---|"]
     for key, v in r["lesion_detection"].items():
         lines.append(f"| {key} | {v['detected']}/{v['lesions']} | {v['rate']:.2f} |")
+    from medsynth.evaluation.lesion_contrast import bin_start
+
     paired = r.get("lesion_contrast")
     if paired and "skipped" in paired:
         lines += ["", "## Lesion detection by size (paired, contrast rule)", "", f"Not measured: {paired['skipped']}."]
@@ -569,7 +570,7 @@ def render(r: dict, figure: Path) -> str:
                   "| diameter | threshold | real held-out lesions (ceiling) | real held-out, lesion-free decoys | "
                   "synthetic, lesion in mask | synthetic, same region without it |", "|---|---|---|---|---|---|"]
         bins = sorted({b for key in ("real_lesions", "real_decoys", "synthetic_with_lesion", "synthetic_without_lesion")
-                       for b in paired[key]}, key=lambda b: int(b.split("-")[0]))
+                       for b in paired[key]}, key=bin_start)
         cell = lambda v: "-" if v is None else f"{v['detected']}/{v['lesions']} ({v['rate']:.2f})"  # noqa: E731
         for b in bins:
             threshold = " / ".join(f"{r['thresholds'].get(b, r['pooled_threshold']):.3g}" for r in rules.values())
@@ -585,7 +586,7 @@ def render(r: dict, figure: Path) -> str:
                   f"cannot know about. Mask guidance: {paired.get('mask_guidance', 'default')}.", "",
                   "| diameter | real lesions: contrast | synthetic: contrast added by the lesion | "
                   "added contrast above the threshold |", "|---|---|---|---|"]
-        for b in sorted(set(added) | set(real), key=lambda b: int(b.split("-")[0])):
+        for b in sorted(set(added) | set(real), key=bin_start):
             hits = "-" if b not in added else f"{added[b]['above_threshold']}/{added[b]['lesions']}"
             lines.append(f"| {b} | {spread(real.get(b))} | {spread(added.get(b))} | {hits} |")
     lines += ["", f"![text only, mask only, text + mask]({figure})", "", f"Run time: {r['seconds']} s.", ""]

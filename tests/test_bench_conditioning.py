@@ -44,21 +44,19 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert all(set(row) <= set(held["real"]) and all(0.0 <= v <= 1.0 for v in row.values())
                for row in held["synthetic"].values())
     assert "held-out masks (paired)" in page
-    # lesions by size: measured on both images of each pair, or skipped with the reason
+    # lesions by size: the quick demo's training split holds real lesions (seed 0), so it is measured,
+    # on both images of each pair
     lesions = record["lesion_contrast"]
-    assert "paired, contrast rule" in page
-    if "skipped" in lesions:
-        assert "no 'liver_lesion' lesion" in lesions["skipped"] and lesions["skipped"] in page
-    else:
-        rows = lesions["rows"]
-        assert len(rows["with_lesion"]) == len(rows["without_lesion"]) == lesions["masks"] - lesions["skipped_masks"]
-        for with_it, without_it in zip(rows["with_lesion"], rows["without_lesion"]):
-            assert with_it["diameter_mm"] == without_it["diameter_mm"]  # the same region in both images
-        assert list(lesions["rules"]) == ["all"] and lesions["rules"]["all"]["sign"] in (1.0, -1.0)  # CT: one rule
-        added = lesions["added_contrast"]
-        assert set(added) == set(lesions["synthetic_with_lesion"])
-        assert sum(v["lesions"] for v in added.values()) == len(rows["with_lesion"])
-        assert "contrast added by the lesion" in page
+    assert "paired, contrast rule" in page and "skipped" not in lesions, lesions.get("skipped")
+    rows = lesions["rows"]
+    assert len(rows["with_lesion"]) == len(rows["without_lesion"]) == lesions["masks"] - lesions["skipped_masks"] >= 1
+    for with_it, without_it in zip(rows["with_lesion"], rows["without_lesion"]):
+        assert with_it["diameter_mm"] == without_it["diameter_mm"]  # the same region in both images
+    assert list(lesions["rules"]) == ["all"] and lesions["rules"]["all"]["sign"] in (1.0, -1.0)  # CT: one rule
+    added = lesions["added_contrast"]
+    assert set(added) == set(lesions["synthetic_with_lesion"])
+    assert sum(v["lesions"] for v in added.values()) == len(rows["with_lesion"])
+    assert "contrast added by the lesion" in page
 
     # a second pipeline folder scored by the same judge: it is loaded, not trained again
     again = tmp_path / "bench2"

@@ -7,8 +7,9 @@ at first: the lesion's contrast against the tissue that surrounds it.
 * **Statistic.** For each lesion (a 26-connected component of the lesion class in the label map):
   ``contrast = sign * (mean(surround) - mean(lesion))``, where *surround* is the voxels within
   ``ring`` voxels of the lesion that carry its most common neighbouring label (the host organ for
-  a liver lesion; oedema around a real tumour core). In output units (HU for CT), or relative to
-  the surround mean (``relative=True``: MR intensities have no absolute scale).
+  a liver lesion; around a real MR tumour core at 32^3 mostly white matter, its oedema rim being
+  thin). In output units (HU for CT), or relative to the surround mean (``relative=True``: MR
+  intensities have no absolute scale).
 * **Rule fit on real images** (:meth:`ContrastRule.fit`): ``sign`` is the sign of the median
   contrast of the real lesions (hypodense CT lesions: +1). The null distribution comes from
   *decoys*: lesion-shaped regions placed by :func:`medsynth.pipelines.lesions.insert_lesions` into
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from medsynth.data.phantom_shapes import Grid, equivalent_diameter
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.volume import Volume
 
@@ -41,6 +43,11 @@ def size_bin(diameter_mm: float) -> str:
     """The 10 mm bin of an equivalent-sphere diameter, e.g. ``"20-30 mm"``."""
     low = int(diameter_mm // BIN_MM * BIN_MM)
     return f"{low}-{low + int(BIN_MM)} mm"
+
+
+def bin_start(name: str) -> int:
+    """Sort key of a :func:`size_bin` name: its lower edge in mm (``"100-110 mm"`` after ``"20-30 mm"``)."""
+    return int(name.split("-")[0])
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ def lesion_contrasts(image: np.ndarray, label: np.ndarray, lesion_values: Iterab
     else:
         count = int(components.max())
     excluded = np.isin(label, values)
-    voxel_mm3 = float(np.prod(spacing))
+    grid = Grid(label.shape, tuple(float(s) for s in spacing))
     out = []
     for index in range(1, count + 1):
         lesion = components == index
@@ -107,7 +114,7 @@ def lesion_contrasts(image: np.ndarray, label: np.ndarray, lesion_values: Iterab
         raw = ring_mean - lesion_mean
         if relative:
             raw = raw / abs(ring_mean) if ring_mean else 0.0
-        out.append(LesionContrast(round((6.0 * n * voxel_mm3 / np.pi) ** (1 / 3), 2), n, surround_label, raw))
+        out.append(LesionContrast(round(equivalent_diameter(n, grid), 2), n, surround_label, raw))
     return out
 
 
@@ -192,10 +199,10 @@ class ContrastRule:
         "voxels", "contrast", "threshold", "detected"}``."""
         rows = []
         for c in lesion_contrasts(image, label, lesion_values, spacing, self.ring, self.relative, components):
-            contrast = self.sign * c.raw
+            contrast, threshold = self.sign * c.raw, self.threshold(c.diameter_mm)
             rows.append({"diameter_mm": c.diameter_mm, "bin": c.bin, "voxels": c.voxels,
-                         "contrast": round(contrast, 4), "threshold": round(self.threshold(c.diameter_mm), 4),
-                         "detected": bool(contrast > self.threshold(c.diameter_mm))})
+                         "contrast": round(contrast, 4), "threshold": round(threshold, 4),
+                         "detected": bool(contrast > threshold)})
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,9 +216,8 @@ def detection_by_bin(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, A
         entry = bins.setdefault(row["bin"], [0, 0])
         entry[0] += bool(row["detected"])
         entry[1] += 1
-    order = sorted(bins, key=lambda b: int(b.split("-")[0]))
     return {b: {"detected": bins[b][0], "lesions": bins[b][1], "rate": round(bins[b][0] / bins[b][1], 3)}
-            for b in order}
+            for b in sorted(bins, key=bin_start)}
 
 
 def contrast_by_bin(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -220,7 +226,7 @@ def contrast_by_bin(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, An
     bins: dict[str, list[float]] = {}
     for row in rows:
         bins.setdefault(row["bin"], []).append(float(row["contrast"]))
-    return {b: _mean_se(bins[b]) for b in sorted(bins, key=lambda b: int(b.split("-")[0]))}
+    return {b: _mean_se(bins[b]) for b in sorted(bins, key=bin_start)}
 
 
 def added_contrast_by_bin(with_rows: Iterable[Mapping[str, Any]], without_rows: Iterable[Mapping[str, Any]]
@@ -230,8 +236,9 @@ def added_contrast_by_bin(with_rows: Iterable[Mapping[str, Any]], without_rows: 
     ``{bin: {"lesions", "mean", "se", "above_threshold"}}``. ``above_threshold`` counts lesions
     whose added contrast is positive and exceeds their bin's threshold (more than 95 % of
     lesion-free real regions show; where that threshold is negative, lesion-free regions mostly
-    read as the opposite of a lesion and only a positive addition counts). Unlike the plain rule this cancels whatever the generator draws in that region
-    anyway (e.g. a blurred organ edge), which a threshold fit on real images cannot know about."""
+    read as the opposite of a lesion and only a positive addition counts). Unlike the plain rule
+    this cancels whatever the generator draws in that region anyway (e.g. a blurred organ edge),
+    which a threshold fit on real images cannot know about."""
     bins: dict[str, list[tuple[float, bool]]] = {}
     for with_it, without_it in zip(with_rows, without_rows, strict=True):
         if with_it["voxels"] != without_it["voxels"]:
@@ -239,7 +246,7 @@ def added_contrast_by_bin(with_rows: Iterable[Mapping[str, Any]], without_rows: 
         added = float(with_it["contrast"]) - float(without_it["contrast"])
         bins.setdefault(with_it["bin"], []).append((added, added > max(0.0, float(with_it["threshold"]))))
     out = {}
-    for b in sorted(bins, key=lambda b: int(b.split("-")[0])):
+    for b in sorted(bins, key=bin_start):
         out[b] = {**_mean_se([a for a, _ in bins[b]]), "above_threshold": sum(hit for _, hit in bins[b])}
     return out
 
@@ -251,4 +258,4 @@ def _mean_se(values: list[float]) -> dict[str, Any]:
 
 
 __all__ = ["LesionContrast", "lesion_contrasts", "decoy_components", "ContrastRule", "detection_by_bin", "size_bin",
-           "contrast_by_bin", "added_contrast_by_bin"]
+           "bin_start", "contrast_by_bin", "added_contrast_by_bin"]
