@@ -323,7 +323,8 @@ def paired_lesion_detection(pipe, dataset, rules: dict, modality: str, num: int,
             volume = pipe(finding_prompt(case.prompt, modality, diameter), num_inference_steps=steps,
                           mask=lesion_mask, mask_guidance_scale=mask_guidance, metadata=metadata or None,
                           generator=torch.Generator().manual_seed(seed + index))[0]
-            target += rule.judge(volume.array, np.asarray(placed.array), [value], mask.spacing, components=component)
+            target += [{**row, "group": group} for row in
+                       rule.judge(volume.array, np.asarray(placed.array), [value], mask.spacing, components=component)]
     return {"rules": {g: r.to_dict() for g, r in rules.items()}, "held_out_cases": len(cases), "masks": min(num, len(cases)),
             "skipped_masks": skipped, "sizes_mm": sizes_mm,
             "real_lesions": detection_by_bin(real_rows), "real_decoys": detection_by_bin(decoy_rows),
@@ -331,6 +332,10 @@ def paired_lesion_detection(pipe, dataset, rules: dict, modality: str, num: int,
             "synthetic_without_lesion": detection_by_bin(without_rows),
             "mask_guidance": "default" if mask_guidance is None else mask_guidance,
             "real_contrast": contrast_by_bin(real_rows), "added_contrast": added_contrast_by_bin(with_rows, without_rows),
+            # per rule group (MR sequence): a ControlNet that draws T1 cores with the T2 sign shows here
+            "added_contrast_by_group": {g: added_contrast_by_bin([r for r in with_rows if r["group"] == g],
+                                                                 [r for r in without_rows if r["group"] == g])
+                                        for g in sorted({r["group"] for r in with_rows})},
             "rows": {"with_lesion": with_rows, "without_lesion": without_rows}}
 
 
@@ -589,6 +594,13 @@ def render(r: dict, figure: Path) -> str:
         for b in sorted(set(added) | set(real), key=bin_start):
             hits = "-" if b not in added else f"{added[b]['above_threshold']}/{added[b]['lesions']}"
             lines.append(f"| {b} | {spread(real.get(b))} | {spread(added.get(b))} | {hits} |")
+        by_group = paired.get("added_contrast_by_group", {})
+        if len(by_group) > 1:
+            lines += ["", "The same added contrast per rule (signed so that a lesion drawn like a real one is "
+                      "positive in every sequence):", "", "| rule | " + " | ".join(
+                          b for b in sorted(added, key=bin_start)) + " |", "|---" * (len(added) + 1) + "|"]
+            for g, row in by_group.items():
+                lines.append(f"| {g} | " + " | ".join(spread(row.get(b)) for b in sorted(added, key=bin_start)) + " |")
     lines += ["", f"![text only, mask only, text + mask]({figure})", "", f"Run time: {r['seconds']} s.", ""]
     return "\n".join(lines)
 

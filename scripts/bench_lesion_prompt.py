@@ -12,8 +12,12 @@ question where it can be answered at the same scale (32^3, CPU, minutes):
    trained on the training cases with their own prompts; the metadata carries modality, region
    and spacing only, so whether a lesion appears is decided by the text.
 3. The judge: a SegResNet (MONAI) trained on the *real* training phantoms; a volume "has a lesion"
-   when it labels at least ``--min-lesion-voxels`` voxels as lesion. It is scored on the held-out
-   real phantoms first (with and without a lesion), so the reader sees how far to trust it.
+   when it labels at least ``--min-lesion-voxels`` voxels as lesion. A stricter second judge also
+   asks the lesion contrast rule (``medsynth.evaluation.lesion_contrast``, fit on the real training
+   phantoms) to confirm one of those components: darker than the tissue the segmenter puts
+   around it by more than 95 % of lesion-free real regions of its size. Both are scored on the
+   held-out real phantoms first (with and without a lesion), so the reader sees how far to trust
+   them.
 4. Text-only samples (the same seeds for both prompts) for a prompt asking for a lesion and one
    asking for none; the lesion rate of each, a two-sided Fisher exact test between them, and a
    figure of the samples with the judge's lesion voxels outlined.
@@ -92,12 +96,38 @@ def lesion_contrast(autoencoder, images: list[np.ndarray], labels: list[np.ndarr
             "reconstruction": round(float(np.mean(recon)), 4) if recon else None}
 
 
-def lesion_voxels(judge, image: np.ndarray, lesion: int) -> tuple[int, np.ndarray]:
-    """Voxels the judge labels as lesion in a model-range image, and that mask."""
+def lesion_voxels(judge, image: np.ndarray, lesion: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Voxels the judge labels as lesion in a model-range image, that mask, and its whole label map."""
     from medsynth.training.segmentation import predict_volume
 
-    mask = predict_volume(judge.module, image, judge.patch) == lesion
-    return int(mask.sum()), mask
+    predicted = predict_volume(judge.module, image, judge.patch)
+    mask = predicted == lesion
+    return int(mask.sum()), mask, predicted
+
+
+def fit_rule(images: list[np.ndarray], labels: list[np.ndarray], spacings: list[list[float]], label_table: dict,
+             sizes_mm: list[float]):
+    """The lesion contrast rule on real model-range images (sign from their lesions, thresholds from decoys)."""
+    from medsynth.evaluation.lesion_contrast import ContrastRule
+    from medsynth.io.volume import Volume
+
+    pairs = ((image, Volume(label, np.diag([*spacing, 1.0]), kind="label"))
+             for image, label, spacing in zip(images, labels, spacings))
+    return ContrastRule.fit(pairs, "liver_lesion", "liver", label_table, sizes_mm)
+
+
+def confirmed(rule, image: np.ndarray, predicted: np.ndarray, lesion: int, spacing: list[float],
+              min_voxels: int) -> bool:
+    """Whether the contrast rule confirms a component the segmenter labels lesion (>= ``min_voxels``):
+    its contrast against the tissue the segmenter puts around it passes the rule's threshold."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(predicted == lesion)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    components[sizes[components] < min_voxels] = 0
+    if not components.any():
+        return False
+    return any(row["detected"] for row in rule.judge(image, predicted, [lesion], tuple(spacing), components=components))
 
 
 def fisher_p(a_hits: int, a_n: int, b_hits: int, b_n: int) -> float:
@@ -127,7 +157,8 @@ def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
             ax.imshow(np.rot90(volume[:, :, z]), cmap="gray", vmin=-1, vmax=1)
             if mask[:, :, z].any():
                 ax.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors=["red"], linewidths=0.8)
-            ax.set_title(f"{rows[key]['lesion_voxels'][c]} vox", fontsize=8)
+            ax.set_title(f"{rows[key]['lesion_voxels'][c]} vox" + (", confirmed" if rows[key]["confirmed"][c] else ""),
+                         fontsize=8)
         axes[r][0].set_ylabel("asks for a lesion" if r == 0 else "asks for none", fontsize=9)
     fig.suptitle("text-only samples, same seeds per column; red: the judge's lesion voxels "
                  "(window [-200, 300] HU)", fontsize=9)
@@ -171,12 +202,19 @@ def main(argv: list[str] | None = None) -> int:
                              "earlier pages reproduce) or 2 (tiny_f2.yaml, the demo's default, where a 3-voxel "
                              "lesion spans more than one latent voxel); the DiT patch keeps 512 tokens either way; "
                              "results get an _f2 suffix")
+    parser.add_argument("--dit-region-weight", type=float, default=1.0,
+                        help="the DiT's loss weight inside liver lesions (training.region_loss_weight with "
+                             "region_classes [liver_lesion]); 1 = unweighted (the earlier pages); results get a "
+                             "_dwW suffix")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
     stem = ("lesion_prompt_cpu" + (f"_{args.size}" if args.size != 32 else "")
             + ("_scanner_noise" if args.noise == "scanner" else "")
-            + (f"_f{args.latent_factor}" if args.latent_factor != 4 else ""))
+            + (f"_f{args.latent_factor}" if args.latent_factor != 4 else "")
+            + (f"_dw{args.dit_region_weight:g}" if args.dit_region_weight != 1 else ""))
+    if args.dit_region_weight < 1:
+        parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
     if args.size % 32:
         parser.error(f"--size must be a multiple of 32 (the tiny autoencoder's patch), got {args.size}")
     if args.quick:
@@ -205,12 +243,18 @@ def main(argv: list[str] | None = None) -> int:
                                         IntensityMapping.ct_window(tuple(args.window)), args.judge_steps,
                                         accelerator="cpu", foreground_oversampling=args.judge_oversampling)
         timings["judge"] = round(time.perf_counter() - t0, 1)
-        judge_rows = {"with_lesion": [0, 0], "without_lesion": [0, 0]}
+        # the contrast rule, fit on the real training phantoms: decoys over the lesion sizes asked for
+        sizes = [float(v) for v in np.linspace(args.lesion_size[0] - 15, args.lesion_size[1], 4)]
+        rule = fit_rule(train_images, [labels[i] for i in train], [records[i]["metadata"]["spacing"] for i in train],
+                        CT_LABELS, sizes)
+        judge_rows = {"with_lesion": [0, 0, 0], "without_lesion": [0, 0, 0]}
         for i in held:
-            count, _ = lesion_voxels(judge, images[i], lesion)
+            count, _, predicted = lesion_voxels(judge, images[i], lesion)
             key = "with_lesion" if (labels[i] == lesion).any() else "without_lesion"
             judge_rows[key][0] += count >= args.min_lesion_voxels
-            judge_rows[key][1] += 1
+            judge_rows[key][1] += confirmed(rule, images[i], predicted, lesion, records[i]["metadata"]["spacing"],
+                                            args.min_lesion_voxels)
+            judge_rows[key][2] += 1
         t0 = time.perf_counter()
         # above 32^3 the autoencoder trains on 32^3 crops (the tiny config's patch; the same cost per
         # step) and the DiT patchifies its larger latent grid, so both keep 512 tokens per volume
@@ -218,10 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                                       config=f"configs/autoencoder/{TINY_CONFIGS[args.latent_factor]}")
         timings["autoencoder"] = round(time.perf_counter() - t0, 1)
         contrast = lesion_contrast(autoencoder, [images[i] for i in held], [labels[i] for i in held], liver, lesion)
-        scale = write_cache(autoencoder, train_images, [records[i] for i in train], work / "cache")
+        scale = write_cache(autoencoder, train_images, [records[i] for i in train], work / "cache",
+                            [labels[i] for i in train], CT_LABELS)
         # the DiT paired with the autoencoder (the demo's pairs), its patch grown with the grid
         dit_cfg = yaml.safe_load((REPO / "configs/dit" / TINY_CONFIGS[args.latent_factor]).read_text())
         dit_cfg["model"]["patch_size"] = [max(1, args.size // args.latent_factor // 8)] * 3  # 8^3 = 512 tokens
+        if args.dit_region_weight != 1:
+            dit_cfg["training"].update(region_classes=["liver_lesion"], region_loss_weight=args.dit_region_weight)
         t0 = time.perf_counter()
         export = fit_dit(work / "cache", work / "dit", dit_cfg, accelerator="cpu", devices=1,
                          max_steps=args.dit_steps)
@@ -235,11 +282,14 @@ def main(argv: list[str] | None = None) -> int:
                              args.guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
                              seed=2024)  # the same noise for both prompts
             judged = [lesion_voxels(judge, v, lesion) for v in volumes]
-            counts = [c for c, _ in judged]
+            counts = [c for c, _, _ in judged]
             hits = sum(c >= args.min_lesion_voxels for c in counts)
+            sure = [confirmed(rule, v, p, lesion, meta["spacing"], args.min_lesion_voxels)
+                    for v, (_, _, p) in zip(volumes, judged)]
             rows[key] = {"prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
-                         "rate": hits / len(volumes), "lesion_voxels": counts,
-                         "volumes": volumes, "masks": [m for _, m in judged]}
+                         "rate": hits / len(volumes), "with_confirmed_lesion": int(sum(sure)),
+                         "confirmed_rate": sum(sure) / len(volumes), "confirmed": sure, "lesion_voxels": counts,
+                         "volumes": volumes, "masks": [m for _, m, _ in judged]}
     png = figure(rows, args.out / "figures" / f"{stem}.png")
     lesion_row, none_row = rows["lesion_prompt"], rows["no_lesion_prompt"]
     train_lesion = sum(bool((labels[i] == lesion).any()) for i in train)
@@ -256,13 +306,16 @@ def main(argv: list[str] | None = None) -> int:
                      "min_lesion_voxels": args.min_lesion_voxels, "phantom_noise": args.noise,
                      "autoencoder": f"configs/autoencoder/{TINY_CONFIGS[args.latent_factor]}",
                      "dit": f"configs/dit/{TINY_CONFIGS[args.latent_factor]}",
-                     "latent_factor": args.latent_factor},
+                     "latent_factor": args.latent_factor, "dit_region_weight": args.dit_region_weight},
         "train_seconds": timings,
-        "judge_on_real_held_out": {k: {"fired": f, "cases": n} for k, (f, n) in judge_rows.items()},
+        "judge_on_real_held_out": {k: {"fired": f, "confirmed": c, "cases": n} for k, (f, c, n) in judge_rows.items()},
+        "contrast_rule": rule.to_dict(),
         "lesion_contrast_held_out": contrast,
         "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("volumes", "masks")} for k, v in rows.items()},
         "fisher_p": round(fisher_p(lesion_row["with_lesion"], lesion_row["samples"], none_row["with_lesion"],
                                    none_row["samples"]), 5),
+        "fisher_p_confirmed": round(fisher_p(lesion_row["with_confirmed_lesion"], lesion_row["samples"],
+                                             none_row["with_confirmed_lesion"], none_row["samples"]), 5),
         "figure": str(png),
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -283,19 +336,31 @@ def render(r: dict, figure_path: Path) -> str:
              f"'{s.get('phantom_noise', 'fixed')}', CT window {s['window_hu']} HU -> [-1, 1]. "
              f"Tiny VQ-GAN (`{s['autoencoder']}`, {s.get('latent_factor', 4)}x downsampling per axis, "
              f"{s['autoencoder_steps']} steps, {r['train_seconds']['autoencoder']} s) and tiny DiT (patch {s['dit_patch']}, "
-             f"{s['dit_steps']} steps, {r['train_seconds']['dit']} s) trained on the training cases' own prompts; "
+             f"{s['dit_steps']} steps, {r['train_seconds']['dit']} s"
+             + (f", loss weight {s['dit_region_weight']:g} inside liver lesions" if s.get('dit_region_weight', 1) != 1 else "")
+             + ") trained on the training cases' own prompts; "
              "the metadata (modality, region, spacing) says nothing about lesions. "
              f"{s['sampling_steps']} Euler steps, guidance {s['guidance']}, the same seeds for both prompts.", "",
              f"Judge: a SegResNet trained {s['judge_steps']} steps ({r['train_seconds']['judge']} s) on the real "
              f"training phantoms ({s.get('judge_oversampling', 0):.0%} of its patches centred on a foreground class); a volume has a lesion when the judge labels >= {s['min_lesion_voxels']} voxels "
              "as lesion. On the held-out real phantoms it fires on "
              f"**{j['with_lesion']['fired']}/{j['with_lesion']['cases']}** cases with a lesion and "
-             f"**{j['without_lesion']['fired']}/{j['without_lesion']['cases']}** without.", "",
-             "| prompt | samples | with a lesion | rate | judged lesion voxels per sample |", "|---|---|---|---|---|"]
+             f"**{j['without_lesion']['fired']}/{j['without_lesion']['cases']}** without.", ""]
+    if "contrast_rule" in r:
+        lines += ["Confirmed: the lesion contrast rule (fit on the real training phantoms: the sign from their "
+                  f"{r['contrast_rule']['real_lesions']} lesions, per-size thresholds from lesion-free decoys, 5 % "
+                  "false alarms) confirms at least one of those components against the tissue the segmenter puts "
+                  "around it. On the held-out real phantoms it confirms "
+                  f"**{j['with_lesion']['confirmed']}/{j['with_lesion']['cases']}** cases with a lesion and "
+                  f"**{j['without_lesion']['confirmed']}/{j['without_lesion']['cases']}** without.", ""]
+    lines += ["| prompt | samples | with a lesion (segmenter) | rate | confirmed by the contrast rule | rate | "
+              "judged lesion voxels per sample |", "|---|---|---|---|---|---|---|"]
     for key in ("lesion_prompt", "no_lesion_prompt"):
         row = r["rows"][key]
+        sure = ("-", "-") if "with_confirmed_lesion" not in row else (row["with_confirmed_lesion"],
+                                                                      f"{row['confirmed_rate']:.2f}")
         lines.append(f"| `{row['prompt']}` | {row['samples']} | {row['with_lesion']} | {row['rate']:.2f} | "
-                     f"{row['lesion_voxels']} |")
+                     f"{sure[0]} | {sure[1]} | {row['lesion_voxels']} |")
     false_alarms = j["without_lesion"]["fired"] / max(j["without_lesion"]["cases"], 1)
     misses = 1 - j["with_lesion"]["fired"] / max(j["with_lesion"]["cases"], 1)
     if false_alarms >= 0.5 or misses >= 0.5:
@@ -305,7 +370,8 @@ def render(r: dict, figure_path: Path) -> str:
     if c["reconstruction"] is not None and c["real"] and c["reconstruction"] < 0.5 * c["real"]:
         lines += ["", f"The autoencoder keeps {c['reconstruction'] / c['real']:.0%} of the real lesion contrast: a "
                   "lesion it cannot reconstruct is one no prompt can produce."]
-    lines += ["", f"Two-sided Fisher exact test between the two rates: p = {r['fisher_p']}.", "",
+    lines += ["", f"Two-sided Fisher exact test between the two rates: p = {r['fisher_p']} (segmenter)"
+              + (f", p = {r['fisher_p_confirmed']} (confirmed)" if "fisher_p_confirmed" in r else "") + ".", "",
               f"Lesion contrast (mean liver minus mean lesion, model range) on the {c['cases']} held-out real "
               f"phantoms with a lesion: real {c['real']}, after the autoencoder {c['reconstruction']}.", "",
               f"![samples per prompt]({figure_path})", "", f"Run time: {r['seconds']} s.", ""]

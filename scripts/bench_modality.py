@@ -106,8 +106,13 @@ def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0, crop: i
     return module.model.eval()
 
 
-def write_cache(model, images: list[np.ndarray], records: list[dict], cache: Path) -> float:
-    """Encode every training volume into a latent cache that ``fit_dit`` reads; returns the scale factor."""
+def write_cache(model, images: list[np.ndarray], records: list[dict], cache: Path,
+                labels: list[np.ndarray] | None = None, label_table: dict[str, int] | None = None) -> float:
+    """Encode every training volume into a latent cache that ``fit_dit`` reads; returns the scale factor.
+
+    With ``labels`` (image-resolution label maps) and their ``label_table``, the cache carries
+    them as ``medsynth encode`` does, so a DiT can weight its loss inside label classes.
+    """
     from medsynth.io.checkpoint import save_tensors
 
     (cache / "latents").mkdir(parents=True, exist_ok=True)
@@ -117,11 +122,15 @@ def write_cache(model, images: list[np.ndarray], records: list[dict], cache: Pat
             latents.append(model.encode(torch.from_numpy(img)[None, None])[0])
     scale = float(1.0 / torch.stack(latents).std())
     for i, (z, rec) in enumerate(zip(latents, records)):
-        save_tensors(cache / "latents" / f"case_{i:03d}.safetensors", {"latent": z},
+        tensors = {"latent": z}
+        if labels is not None:
+            tensors["label"] = torch.from_numpy(np.ascontiguousarray(labels[i].astype(np.int16)))
+        save_tensors(cache / "latents" / f"case_{i:03d}.safetensors", tensors,
                      {"case_id": f"case_{i:03d}", "split": "train", "prompt": rec["prompt"],
                       "metadata": rec["metadata"], "modality": rec["metadata"]["modality"],
                       "spacing": rec["metadata"]["spacing"]})
-    (cache / "stats.json").write_text(json.dumps({"scale_factor": scale}))
+    stats = {"scale_factor": scale, **({"labels": dict(label_table)} if label_table else {})}
+    (cache / "stats.json").write_text(json.dumps(stats))
     return scale
 
 

@@ -56,6 +56,8 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     added = lesions["added_contrast"]
     assert set(added) == set(lesions["synthetic_with_lesion"])
     assert sum(v["lesions"] for v in added.values()) == len(rows["with_lesion"])
+    assert all(row["group"] == "all" for row in rows["with_lesion"] + rows["without_lesion"])
+    assert lesions["added_contrast_by_group"] == {"all": added}  # one rule: the group table is the whole table
     assert "contrast added by the lesion" in page
 
     # a second pipeline folder scored by the same judge: it is loaded, not trained again

@@ -28,11 +28,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from medsynth.diffusion import make_objective, sample_condition_dropout
+from medsynth.diffusion import (check_region_weighting, make_objective, region_label_values, region_weights,
+                                sample_condition_dropout)
 from medsynth.diffusion.schedulers import check_objective
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, load_tensors, read_export,
@@ -81,12 +81,10 @@ class ControlNetTrainingConfig:
 
     def __post_init__(self) -> None:
         check_compile_options(self.compile, self.compile_backend, self.compile_mode)
-        self.region_classes = [str(c) for c in self.region_classes]
+        self.region_classes = check_region_weighting(self.region_classes, self.region_loss_weight)
         for name in ("text_drop_rate", "metadata_drop_rate", "mask_drop_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"expects 0 <= {name} <= 1, but got {name}={getattr(self, name)}")
-        if self.region_loss_weight < 1:
-            raise ConfigError(f"expects region_loss_weight >= 1, but got region_loss_weight={self.region_loss_weight}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"expects 0 <= ema_decay < 1, but got ema_decay={self.ema_decay}")
         if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -161,16 +159,6 @@ def collate_masked(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "prompt": [it["prompt"] for it in items], "metadata": [dict(it["metadata"]) for it in items]}
 
 
-def region_weights(label: Tensor, values: Sequence[int], factor: Sequence[int], weight: float) -> Tensor:
-    """Per-latent-voxel loss weights ``(B, 1, x, y, z)``: ``weight`` where any image voxel of
-    ``label (B, X, Y, Z)`` in the latent voxel has one of ``values``, 1 elsewhere."""
-    inside = torch.zeros_like(label, dtype=torch.float32)
-    for v in values:
-        inside = torch.maximum(inside, (label == v).float())
-    pooled = F.max_pool3d(inside[:, None], kernel_size=tuple(factor), stride=tuple(factor))
-    return 1.0 + (weight - 1.0) * pooled
-
-
 # ---------------------------------------------------------------------------------------------
 # The LightningModule
 # ---------------------------------------------------------------------------------------------
@@ -198,10 +186,7 @@ class ControlNetModule(L.LightningModule):
         self.save_hyperparameters(ignore=["dit", "text_encoder"])
         self.cfg = ControlNetTrainingConfig.from_dict(training)
         self.labels = {str(k): int(v) for k, v in labels.items()}
-        unknown = [c for c in self.cfg.region_classes if c not in self.labels]
-        if unknown:
-            raise ConfigError(f"training.region_classes names {unknown}, which are not labels; known labels are "
-                              f"{sorted(self.labels, key=self.labels.get)}")
+        self.region_values = region_label_values(self.cfg.region_classes, self.labels)
         options = dict(controlnet or {})
         bad = sorted(set(options) & {"dit", "num_classes"})
         if bad:
@@ -255,7 +240,7 @@ class ControlNetModule(L.LightningModule):
         error = (prediction.float() - self.objective.target(x0, noise, timesteps).float()) ** 2
         loss = error.mean()
         if self.cfg.region_classes and self.cfg.region_loss_weight != 1.0:
-            weights = region_weights(label, [self.labels[c] for c in self.cfg.region_classes],
+            weights = region_weights(label, self.region_values,
                                      self.controlnet.config.image_to_latent_factor, self.cfg.region_loss_weight)
             loss = (error * weights).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
@@ -393,5 +378,5 @@ def _cache_factor(cache_dir: str | Path) -> int | None:
     return None if factor is None else int(factor)
 
 
-__all__ = ["ControlNetTrainingConfig", "ControlNetModule", "MaskedLatentDataset", "collate_masked", "region_weights",
+__all__ = ["ControlNetTrainingConfig", "ControlNetModule", "MaskedLatentDataset", "collate_masked",
            "save_controlnet", "load_controlnet", "check_base_dit", "fit_controlnet"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from medsynth.diffusion import bucket_losses, make_objective, sample_condition_dropout
+from medsynth.diffusion import (bucket_losses, check_region_weighting, make_objective, region_label_values,
+                                region_weights, sample_condition_dropout)
 from medsynth.diffusion.schedulers import check_objective
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, load_tensors, read_export,
@@ -54,6 +55,12 @@ class DiTTrainingConfig:
         loss_buckets: the loss is also logged per this many equal timestep ranges.
         crop: latent crop ``(x, y, z)`` per sample, or None to use whole latents (which then
             must all have one shape to be batched).
+        region_classes: label names whose latent voxels get ``region_loss_weight`` in the loss
+            (e.g. ``[liver_lesion]``); needs a cache of a labelled dataset. Why: a lesion that a
+            prompt asks for is one or two latent voxels, and an unweighted MSE lets the model
+            leave it out (measured in docs/benchmarks/lesion_prompt_cpu_scanner_noise_f2.md).
+        region_loss_weight: loss weight inside those classes (1 = no emphasis); a latent voxel
+            counts when any of its image voxels carries one of the classes.
         seed: global seed.
         compile: ``torch.compile`` the trained network in place (GPU; off in every preset).
         compile_backend, compile_mode: passed to ``torch.compile`` ("inductor", "default").
@@ -70,6 +77,8 @@ class DiTTrainingConfig:
     gradient_clip: float = 1.0
     loss_buckets: int = 4
     crop: tuple[int, int, int] | None = None
+    region_classes: list[str] = field(default_factory=list)
+    region_loss_weight: float = 1.0
     seed: int = 0
     compile: bool = False
     compile_backend: str = "inductor"
@@ -77,6 +86,7 @@ class DiTTrainingConfig:
 
     def __post_init__(self) -> None:
         check_compile_options(self.compile, self.compile_backend, self.compile_mode)
+        self.region_classes = check_region_weighting(self.region_classes, self.region_loss_weight)
         if self.crop is not None:
             self.crop = tuple(int(c) for c in self.crop)  # type: ignore[assignment]
             if len(self.crop) != 3 or min(self.crop) < 1:
@@ -122,15 +132,18 @@ def conditioning_record(meta: Mapping[str, Any]) -> dict[str, Any]:
 class LatentCacheDataset(Dataset):
     """Cached latents of the generative splits, scaled by the cache's ``scale_factor``.
 
-    Items: ``{"latent": (C, x, y, z) float32, "prompt": str, "metadata": dict}``.
+    Items: ``{"latent": (C, x, y, z) float32, "prompt": str, "metadata": dict}``, plus
+    ``"label": (X, Y, Z) int64`` (image resolution, ``X = x * f``) when ``with_labels``; a crop
+    then cuts the label map at the same place, so region loss weights stay on their voxels.
 
     Raises:
-        InputError: no stats.json (unfinished cache) or no latents in ``splits``.
+        InputError: no stats.json (unfinished cache), no latents in ``splits``, or a case without
+            a label map when ``with_labels``.
         ConfigError: a split outside train/val (the test split is held out).
     """
 
     def __init__(self, cache_dir: str | Path, splits: Sequence[str] = ("train",),
-                 crop: Sequence[int] | None = None) -> None:
+                 crop: Sequence[int] | None = None, with_labels: bool = False) -> None:
         from medsynth.pipelines.latent_cache import read_cache_stats
 
         bad = sorted(set(splits) - set(GENERATIVE_SPLITS))
@@ -138,15 +151,28 @@ class LatentCacheDataset(Dataset):
             raise ConfigError(f"the DiT trains on splits {list(GENERATIVE_SPLITS)} only, but got {bad}; the test "
                               f"split is held out for evaluation")
         self.root = Path(cache_dir)
-        self.scale_factor = float(read_cache_stats(self.root)["scale_factor"])
+        stats = read_cache_stats(self.root)
+        self.scale_factor = float(stats["scale_factor"])
+        self.label_table: dict[str, int] = {str(k): int(v) for k, v in (stats.get("labels") or {}).items()}
         self.crop = None if crop is None else tuple(int(c) for c in crop)
         self.items: list[tuple[Tensor, str, dict[str, Any]]] = []
+        self.labels: list[Tensor] = []  # (X, Y, Z) per item, only when with_labels
         self.case_ids: list[str] = []
         for path in sorted((self.root / "latents").glob("*.safetensors")):
             tensors, meta = load_tensors(path)
             if meta.get("split") is not None and meta.get("split") not in splits:
                 continue
             latent = tensors["latent"].float() * self.scale_factor  # (C, x, y, z)
+            if with_labels:
+                if "label" not in tensors:
+                    raise InputError(f"case {meta.get('case_id', path.stem)!r} has no label map, but "
+                                     "training.region_classes needs one for every case; encode a labelled "
+                                     "dataset or leave region_classes empty", path)
+                label = tensors["label"].long()
+                if any(s % t for s, t in zip(label.shape, latent.shape[1:])):
+                    raise InputError(f"label grid {tuple(label.shape)} is not a multiple of the latent grid "
+                                     f"{tuple(latent.shape[1:])}; encode the cache again", path)
+                self.labels.append(label)
             self.items.append((latent, str(meta.get("prompt") or ""), conditioning_record(meta)))
             self.case_ids.append(str(meta.get("case_id", path.stem)))
         if not self.items:
@@ -157,28 +183,49 @@ class LatentCacheDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         latent, prompt, record = self.items[index]
+        label = self.labels[index] if self.labels else None
         if self.crop is not None:
-            latent = _random_crop(latent, self.crop)
-        return {"latent": latent, "prompt": prompt, "metadata": record}
+            latent, label = _random_crop(latent, self.crop, label)
+        item = {"latent": latent, "prompt": prompt, "metadata": record}
+        if label is not None:
+            item["label"] = label
+        return item
 
 
-def _random_crop(latent: Tensor, crop: tuple[int, ...]) -> Tensor:
-    """Random ``crop`` window of ``(C, x, y, z)``; smaller axes are zero-padded (0 = the latent mean)."""
+def _random_crop(latent: Tensor, crop: tuple[int, ...],
+                 label: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Random ``crop`` window of ``(C, x, y, z)``; smaller axes are zero-padded (0 = the latent mean).
+
+    ``label (X, Y, Z)`` at ``f`` times the latent grid is cut at the matching image window (padded
+    with background 0).
+    """
     pads = [max(0, c - s) for c, s in zip(crop, latent.shape[1:])]
+    factor = None if label is None else [s // t for s, t in zip(label.shape, latent.shape[1:])]
     if any(pads):
         latent = nn.functional.pad(latent, (0, pads[2], 0, pads[1], 0, pads[0]))
+        if label is not None:
+            label = nn.functional.pad(label, (0, pads[2] * factor[2], 0, pads[1] * factor[1], 0, pads[0] * factor[0]))
     starts = [int(torch.randint(0, s - c + 1, ())) for s, c in zip(latent.shape[1:], crop)]
-    return latent[:, starts[0]:starts[0] + crop[0], starts[1]:starts[1] + crop[1], starts[2]:starts[2] + crop[2]]
+    latent = latent[:, starts[0]:starts[0] + crop[0], starts[1]:starts[1] + crop[1], starts[2]:starts[2] + crop[2]]
+    if label is not None:
+        lo = [s * f for s, f in zip(starts, factor)]
+        hi = [(s + c) * f for s, c, f in zip(starts, crop, factor)]
+        label = label[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return latent, label
 
 
 def collate_latents(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack latents ``(B, C, x, y, z)``; prompts and metadata stay lists."""
+    """Stack latents ``(B, C, x, y, z)`` (and labels ``(B, X, Y, Z)`` when the items have them);
+    prompts and metadata stay lists."""
     shapes = {tuple(it["latent"].shape) for it in items}
     if len(shapes) > 1:
         raise ConfigError(f"cannot batch latents of different shapes {sorted(shapes)}; set training.crop "
                           f"(e.g. [8, 8, 8]) or batch_size 1")
-    return {"latent": torch.stack([it["latent"] for it in items]), "prompt": [it["prompt"] for it in items],
-            "metadata": [dict(it["metadata"]) for it in items]}
+    batch = {"latent": torch.stack([it["latent"] for it in items]), "prompt": [it["prompt"] for it in items],
+             "metadata": [dict(it["metadata"]) for it in items]}
+    if all("label" in it for it in items):
+        batch["label"] = torch.stack([it["label"] for it in items])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,17 +245,21 @@ class DiTModule(L.LightningModule):
         sampling: sampler settings recorded in the export (``sampler``, ``num_inference_steps``,
             ``guidance_scale``, ``shift``).
         metadata: what the model is trained on (scale_factor, cache, ...), recorded in the export.
+        labels: the cache's label table (name -> value); needed when ``training.region_classes``
+            is set, whose names must be in it.
 
-    Batches come from :func:`collate_latents`.
+    Batches come from :func:`collate_latents` (with ``label`` when region classes are set).
     """
 
     def __init__(self, model: dict[str, Any], text_encoder: dict[str, Any], objective: dict[str, Any] | None = None,
                  training: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, labels: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_config = DiTConfig.from_dict(model)
         self.cfg = DiTTrainingConfig.from_dict(training)
+        self.region_values = (region_label_values(self.cfg.region_classes, labels)
+                              if self.cfg.region_classes and self.cfg.region_loss_weight != 1.0 else [])
         objective = dict(objective or {"name": "rectified_flow"})
         self.objective = make_objective(check_objective(objective.get("name", "rectified_flow")),
                                         **dict(objective.get("options") or {}))
@@ -249,7 +300,12 @@ class DiTModule(L.LightningModule):
                                                             device=self.device)
         xt, timesteps, noise = self.objective.training_inputs(x0)
         prediction = self.model(xt, timesteps, text, metadata, drop_text=drop_text, drop_metadata=drop_metadata)
-        out = self.objective.loss(prediction, x0, noise, timesteps)
+        weights = None
+        if self.region_values:
+            label = batch["label"]  # (B, X, Y, Z) at image resolution
+            factor = [s // t for s, t in zip(label.shape[1:], x0.shape[2:])]
+            weights = region_weights(label, self.region_values, factor, self.cfg.region_loss_weight)
+        out = self.objective.loss(prediction, x0, noise, timesteps, weights)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         buckets = bucket_losses(out.per_sample, timesteps, self.cfg.loss_buckets, self.objective.num_train_timesteps)
         for name, value in buckets.items():
@@ -349,7 +405,8 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
     if max_steps is not None:
         training.max_steps = int(max_steps)
     L.seed_everything(training.seed, workers=True)
-    data = LatentCacheDataset(cache_dir, ("train",), training.crop)
+    weighted = bool(training.region_classes) and training.region_loss_weight != 1.0
+    data = LatentCacheDataset(cache_dir, ("train",), training.crop, with_labels=weighted)
     model_cfg = dict(run_config.get("model") or {})
     channels = data.items[0][0].shape[0]
     if model_cfg.get("in_channels", channels) != channels:
@@ -360,7 +417,8 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
                                        [prompt for _, prompt, _ in data.items])
     module = DiTModule(model_cfg, text_cfg, dict(run_config.get("objective") or {"name": "rectified_flow"}),
                        training.to_dict(), dict(run_config.get("sampling") or {}),
-                       {"scale_factor": data.scale_factor, "latent_cache": str(cache_dir)})
+                       {"scale_factor": data.scale_factor, "latent_cache": str(cache_dir)},
+                       labels=data.label_table if weighted else None)
     for case_id, (_, _, record) in zip(data.case_ids, data.items):  # fail before training, naming the case
         try:
             module.model.encode_metadata([record])

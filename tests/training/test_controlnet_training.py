@@ -12,13 +12,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from medsynth.diffusion import region_weights
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import save_tensors
 from medsynth.models.controlnet import ControlNetConfig, one_hot_mask
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.text_encoder import VocabTextEncoder
 from medsynth.training.controlnet import (ControlNetModule, ControlNetTrainingConfig, MaskedLatentDataset,
-                                          collate_masked, load_controlnet, region_weights)
+                                          collate_masked, load_controlnet)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "controlnet"
 LABELS = {"background": 0, "organ": 1, "lesion": 2}

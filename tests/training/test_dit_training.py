@@ -116,3 +116,69 @@ def test_frozen_hf_encoder_path_trains_and_exports_by_reference(cache, tmp_path)
     model, encoder, record = load_dit(export)
     assert record.config["text_encoder"]["kind"] == "hf" and not encoder.trainable
     assert not any(k.startswith("text_encoder.") for k in record.state_dict)  # referenced, not copied
+
+
+LABELS = {"background": 0, "liver": 1, "liver_lesion": 2}
+
+
+@pytest.fixture()
+def labelled_cache(tmp_path):
+    """Latents ``(4, 5, 4, 6)`` whose channel 0 holds a voxel id, with label maps at 2x that carry the same id."""
+    root = tmp_path / "labelled"
+    (root / "latents").mkdir(parents=True)
+    ids = torch.arange(5 * 4 * 6, dtype=torch.float32).reshape(5, 4, 6)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        latent = torch.randn(4, 5, 4, 6, generator=torch.Generator().manual_seed(i))
+        latent[0] = ids
+        label = ids.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2).long()
+        meta = {"case_id": f"c{i}", "split": "train", "prompt": prompt,
+                "metadata": {"modality": "CT", "region": "abdomen"}, "spacing": [1.0, 1.0, 1.0], "modality": "CT"}
+        save_tensors(root / "latents" / f"c{i}.safetensors", {"latent": latent, "label": label}, meta)
+    (root / "stats.json").write_text(json.dumps({"scale_factor": 1.0, "labels": LABELS}))
+    return root
+
+
+def test_labels_are_cropped_with_their_latents(labelled_cache):
+    data = LatentCacheDataset(labelled_cache, ("train",), crop=(3, 6, 4), with_labels=True)
+    assert data.label_table == LABELS
+    for seed in range(5):
+        torch.manual_seed(seed)
+        item = data[seed % 2]
+        assert item["latent"].shape == (4, 3, 6, 4) and item["label"].shape == (6, 12, 8)
+        # y is padded (4 -> 6) with 0 in both; elsewhere the label's id is the latent voxel's id
+        torch.testing.assert_close(item["label"][::2, ::2, ::2].float(), item["latent"][0])
+        assert torch.equal(item["label"][1::2, 1::2, 1::2], item["label"][::2, ::2, ::2])
+    batch = collate_latents([data[0], data[1]])
+    assert batch["label"].shape == (2, 6, 12, 8)
+    assert "label" not in LatentCacheDataset(labelled_cache, ("train",))[0]
+
+
+def test_region_weights_raise_the_loss_only_where_the_class_is(cache, labelled_cache, tmp_path):
+    training = {"batch_size": 2, "region_classes": ["liver_lesion"], "region_loss_weight": 50.0}
+    data = LatentCacheDataset(labelled_cache, ("train",), with_labels=True)
+    batch = collate_latents([data[0], data[1]])
+
+    def loss_of(training_cfg: dict, label: torch.Tensor) -> float:
+        torch.manual_seed(0)  # the same weights, noise, timesteps and condition dropout for every call
+        module = DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), {"name": "rectified_flow"},
+                           training_cfg, None, None, labels=LABELS)
+        with torch.no_grad():
+            return float(module.training_step({**batch, "label": label}, 0))
+
+    no_lesion = torch.ones_like(batch["label"])  # all liver
+    one_lesion = no_lesion.clone()
+    one_lesion[:, 4, 4, 4] = LABELS["liver_lesion"]
+    plain = loss_of({"batch_size": 2}, one_lesion)
+    assert loss_of(training, no_lesion) == pytest.approx(plain)
+    assert loss_of(training, one_lesion) > plain * 1.1  # one weighted latent voxel of 120 moves the mean
+    with pytest.raises(ConfigError, match=r"\['tumour'\], which are not labels; known labels are"):
+        DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), None, {"region_classes": ["tumour"],
+                                                                        "region_loss_weight": 5.0}, labels=LABELS)
+    with pytest.raises(ConfigError, match="region_loss_weight >= 1"):
+        DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), None, {"region_loss_weight": 0.5})
+    config = {"model": MODEL, "text_encoder": TEXT, "training": training}
+    export = fit_dit(labelled_cache, tmp_path / "run", config, accelerator="cpu", devices=1, max_steps=2)
+    _, _, record = load_dit(export)
+    assert record.metadata["training"]["region_classes"] == ["liver_lesion"]
+    with pytest.raises(InputError, match="has no label map"):  # the unlabelled cache
+        fit_dit(cache, tmp_path / "bad", config, accelerator="cpu", max_steps=1)
