@@ -12,12 +12,11 @@ question where it can be answered at the same scale (32^3, CPU, minutes):
    trained on the training cases with their own prompts; the metadata carries modality, region
    and spacing only, so whether a lesion appears is decided by the text.
 3. The judge: a SegResNet (MONAI) trained on the *real* training phantoms; a volume "has a lesion"
-   when it labels at least ``--min-lesion-voxels`` voxels as lesion. A stricter second judge also
-   asks the lesion contrast rule (``medsynth.evaluation.lesion_contrast``, fit on the real training
-   phantoms) to confirm one of those components: darker than the tissue the segmenter puts
-   around it by more than 95 % of lesion-free real regions of its size. Both are scored on the
-   held-out real phantoms first (with and without a lesion), so the reader sees how far to trust
-   them.
+   when it labels at least ``--min-lesion-voxels`` voxels as lesion. A second judge, the spot rule
+   (``medsynth.evaluation.lesion_spot``), searches the liver the segmenter outlines, away from its
+   rim, for its darkest smoothed spot and fires when that spot is darker than in 95 % of the real
+   lesion-free training livers. Both are scored on the held-out real phantoms first (with and without a lesion), so the
+   reader sees how far to trust them.
 4. Text-only samples (the same seeds for both prompts) for a prompt asking for a lesion and one
    asking for none; the lesion rate of each, a two-sided Fisher exact test between them, and a
    figure of the samples with the judge's lesion voxels outlined.
@@ -105,29 +104,21 @@ def lesion_voxels(judge, image: np.ndarray, lesion: int) -> tuple[int, np.ndarra
     return int(mask.sum()), mask, predicted
 
 
-def fit_rule(images: list[np.ndarray], labels: list[np.ndarray], spacings: list[list[float]], label_table: dict,
-             sizes_mm: list[float]):
-    """The lesion contrast rule on real model-range images (sign from their lesions, thresholds from decoys)."""
-    from medsynth.evaluation.lesion_contrast import ContrastRule
-    from medsynth.io.volume import Volume
-
-    pairs = ((image, Volume(label, np.diag([*spacing, 1.0]), kind="label"))
-             for image, label, spacing in zip(images, labels, spacings))
-    return ContrastRule.fit(pairs, "liver_lesion", "liver", label_table, sizes_mm)
+def liver_of(predicted: np.ndarray, liver: int, lesion: int) -> np.ndarray:
+    """The host the spot rule searches: what the segmenter labels liver or liver lesion."""
+    return (predicted == liver) | (predicted == lesion)
 
 
-def confirmed(rule, image: np.ndarray, predicted: np.ndarray, lesion: int, spacing: list[float],
-              min_voxels: int) -> bool:
-    """Whether the contrast rule confirms a component the segmenter labels lesion (>= ``min_voxels``):
-    its contrast against the tissue the segmenter puts around it passes the rule's threshold."""
-    from scipy import ndimage
+def fit_spot_rule(judge, images: list[np.ndarray], labels: list[np.ndarray], liver: int, lesion: int):
+    """The spot rule on real model-range images, each searched in the liver the segmenter finds in
+    it (as generated images will be): the threshold from the lesion-free ones."""
+    from medsynth.evaluation.lesion_spot import SpotRule
 
-    components, count = ndimage.label(predicted == lesion)
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    components[sizes[components] < min_voxels] = 0
-    if not components.any():
-        return False
-    return any(row["detected"] for row in rule.judge(image, predicted, [lesion], tuple(spacing), components=components))
+    triples = []
+    for image, label in zip(images, labels):
+        _, _, predicted = lesion_voxels(judge, image, lesion)
+        triples.append((image, liver_of(predicted, liver, lesion), label == lesion))
+    return SpotRule.fit(triples)
 
 
 def fisher_p(a_hits: int, a_n: int, b_hits: int, b_n: int) -> float:
@@ -157,10 +148,11 @@ def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
             ax.imshow(np.rot90(volume[:, :, z]), cmap="gray", vmin=-1, vmax=1)
             if mask[:, :, z].any():
                 ax.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors=["red"], linewidths=0.8)
-            ax.set_title(f"{rows[key]['lesion_voxels'][c]} vox" + (", confirmed" if rows[key]["confirmed"][c] else ""),
+            ax.set_title(f"{rows[key]['lesion_voxels'][c]} vox" + (", spot" if rows[key]["spot_found"][c] else ""),
                          fontsize=8)
         axes[r][0].set_ylabel("asks for a lesion" if r == 0 else "asks for none", fontsize=9)
-    fig.suptitle("text-only samples, same seeds per column; red: the judge's lesion voxels "
+    fig.suptitle("text-only samples, same seeds per column; red: the segmenter's lesion voxels; 'spot': the spot "
+                 "rule fires "
                  "(window [-200, 300] HU)", fontsize=9)
     fig.tight_layout()
     from medsynth.evaluation.figures import save_figure
@@ -243,17 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                                         IntensityMapping.ct_window(tuple(args.window)), args.judge_steps,
                                         accelerator="cpu", foreground_oversampling=args.judge_oversampling)
         timings["judge"] = round(time.perf_counter() - t0, 1)
-        # the contrast rule, fit on the real training phantoms: decoys over the lesion sizes asked for
-        sizes = [float(v) for v in np.linspace(args.lesion_size[0] - 15, args.lesion_size[1], 4)]
-        rule = fit_rule(train_images, [labels[i] for i in train], [records[i]["metadata"]["spacing"] for i in train],
-                        CT_LABELS, sizes)
+        rule = fit_spot_rule(judge, train_images, [labels[i] for i in train], liver, lesion)
         judge_rows = {"with_lesion": [0, 0, 0], "without_lesion": [0, 0, 0]}
         for i in held:
             count, _, predicted = lesion_voxels(judge, images[i], lesion)
             key = "with_lesion" if (labels[i] == lesion).any() else "without_lesion"
             judge_rows[key][0] += count >= args.min_lesion_voxels
-            judge_rows[key][1] += confirmed(rule, images[i], predicted, lesion, records[i]["metadata"]["spacing"],
-                                            args.min_lesion_voxels)
+            judge_rows[key][1] += rule.judge(images[i], liver_of(predicted, liver, lesion))["detected"]
             judge_rows[key][2] += 1
         t0 = time.perf_counter()
         # above 32^3 the autoencoder trains on 32^3 crops (the tiny config's patch; the same cost per
@@ -284,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             judged = [lesion_voxels(judge, v, lesion) for v in volumes]
             counts = [c for c, _, _ in judged]
             hits = sum(c >= args.min_lesion_voxels for c in counts)
-            sure = [confirmed(rule, v, p, lesion, meta["spacing"], args.min_lesion_voxels)
-                    for v, (_, _, p) in zip(volumes, judged)]
+            spots = [rule.judge(v, liver_of(p, liver, lesion)) for v, (_, _, p) in zip(volumes, judged)]
+            found = [s["detected"] for s in spots]
             rows[key] = {"prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
-                         "rate": hits / len(volumes), "with_confirmed_lesion": int(sum(sure)),
-                         "confirmed_rate": sum(sure) / len(volumes), "confirmed": sure, "lesion_voxels": counts,
+                         "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
+                         "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
                          "volumes": volumes, "masks": [m for _, m, _ in judged]}
     png = figure(rows, args.out / "figures" / f"{stem}.png")
     lesion_row, none_row = rows["lesion_prompt"], rows["no_lesion_prompt"]
@@ -308,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                      "dit": f"configs/dit/{TINY_CONFIGS[args.latent_factor]}",
                      "latent_factor": args.latent_factor, "dit_region_weight": args.dit_region_weight},
         "train_seconds": timings,
-        "judge_on_real_held_out": {k: {"fired": f, "confirmed": c, "cases": n} for k, (f, c, n) in judge_rows.items()},
-        "contrast_rule": rule.to_dict(),
+        "judge_on_real_held_out": {k: {"fired": f, "spot": c, "cases": n} for k, (f, c, n) in judge_rows.items()},
+        "spot_rule": rule.to_dict(),
         "lesion_contrast_held_out": contrast,
         "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("volumes", "masks")} for k, v in rows.items()},
         "fisher_p": round(fisher_p(lesion_row["with_lesion"], lesion_row["samples"], none_row["with_lesion"],
                                    none_row["samples"]), 5),
-        "fisher_p_confirmed": round(fisher_p(lesion_row["with_confirmed_lesion"], lesion_row["samples"],
-                                             none_row["with_confirmed_lesion"], none_row["samples"]), 5),
+        "fisher_p_spot": round(fisher_p(lesion_row["with_spot"], lesion_row["samples"], none_row["with_spot"],
+                                        none_row["samples"]), 5),
         "figure": str(png),
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -346,21 +334,22 @@ def render(r: dict, figure_path: Path) -> str:
              "as lesion. On the held-out real phantoms it fires on "
              f"**{j['with_lesion']['fired']}/{j['with_lesion']['cases']}** cases with a lesion and "
              f"**{j['without_lesion']['fired']}/{j['without_lesion']['cases']}** without.", ""]
-    if "contrast_rule" in r:
-        lines += ["Confirmed: the lesion contrast rule (fit on the real training phantoms: the sign from their "
-                  f"{r['contrast_rule']['real_lesions']} lesions, per-size thresholds from lesion-free decoys, 5 % "
-                  "false alarms) confirms at least one of those components against the tissue the segmenter puts "
-                  "around it. On the held-out real phantoms it confirms "
-                  f"**{j['with_lesion']['confirmed']}/{j['with_lesion']['cases']}** cases with a lesion and "
-                  f"**{j['without_lesion']['confirmed']}/{j['without_lesion']['cases']}** without.", ""]
-    lines += ["| prompt | samples | with a lesion (segmenter) | rate | confirmed by the contrast rule | rate | "
+    if "spot_rule" in r:
+        spot = r["spot_rule"]
+        lines += ["Spot rule (`medsynth.evaluation.lesion_spot`): the liver the segmenter outlines is smoothed "
+                  f"inside itself (sigma {spot['sigma']:g} voxel), and its darkest spot at least {spot.get('margin', 0)} "
+                  "voxels inside its rim is compared with its median; "
+                  f"the threshold ({spot['threshold']:.3f}) is exceeded by {spot['false_alarm']:.0%} of the "
+                  f"{spot['lesion_free_cases']} lesion-free real training livers. On the held-out real phantoms it "
+                  f"fires on **{j['with_lesion']['spot']}/{j['with_lesion']['cases']}** cases with a lesion and "
+                  f"**{j['without_lesion']['spot']}/{j['without_lesion']['cases']}** without.", ""]
+    lines += ["| prompt | samples | with a lesion (segmenter) | rate | with a lesion (spot rule) | rate | "
               "judged lesion voxels per sample |", "|---|---|---|---|---|---|---|"]
     for key in ("lesion_prompt", "no_lesion_prompt"):
         row = r["rows"][key]
-        sure = ("-", "-") if "with_confirmed_lesion" not in row else (row["with_confirmed_lesion"],
-                                                                      f"{row['confirmed_rate']:.2f}")
+        spot = ("-", "-") if "with_spot" not in row else (row["with_spot"], f"{row['spot_rate']:.2f}")
         lines.append(f"| `{row['prompt']}` | {row['samples']} | {row['with_lesion']} | {row['rate']:.2f} | "
-                     f"{sure[0]} | {sure[1]} | {row['lesion_voxels']} |")
+                     f"{spot[0]} | {spot[1]} | {row['lesion_voxels']} |")
     false_alarms = j["without_lesion"]["fired"] / max(j["without_lesion"]["cases"], 1)
     misses = 1 - j["with_lesion"]["fired"] / max(j["with_lesion"]["cases"], 1)
     if false_alarms >= 0.5 or misses >= 0.5:
@@ -371,7 +360,7 @@ def render(r: dict, figure_path: Path) -> str:
         lines += ["", f"The autoencoder keeps {c['reconstruction'] / c['real']:.0%} of the real lesion contrast: a "
                   "lesion it cannot reconstruct is one no prompt can produce."]
     lines += ["", f"Two-sided Fisher exact test between the two rates: p = {r['fisher_p']} (segmenter)"
-              + (f", p = {r['fisher_p_confirmed']} (confirmed)" if "fisher_p_confirmed" in r else "") + ".", "",
+              + (f", p = {r['fisher_p_spot']} (spot rule)" if "fisher_p_spot" in r else "") + ".", "",
               f"Lesion contrast (mean liver minus mean lesion, model range) on the {c['cases']} held-out real "
               f"phantoms with a lesion: real {c['real']}, after the autoencoder {c['reconstruction']}.", "",
               f"![samples per prompt]({figure_path})", "", f"Run time: {r['seconds']} s.", ""]
