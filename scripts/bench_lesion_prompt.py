@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medsynth.data.phantoms import CT_LABELS
     from medsynth.data.transforms import IntensityMapping
+    from medsynth.errors import InputError
     from medsynth.training.dit import fit_dit, load_dit
     from medsynth.training.segmentation import fit_agreement_segmenter
 
@@ -235,13 +236,16 @@ def main(argv: list[str] | None = None) -> int:
                                         IntensityMapping.ct_window(tuple(args.window)), args.judge_steps,
                                         accelerator="cpu", foreground_oversampling=args.judge_oversampling)
         timings["judge"] = round(time.perf_counter() - t0, 1)
-        rule = fit_spot_rule(judge, train_images, [labels[i] for i in train], liver, lesion)
+        try:
+            rule, spot_skipped = fit_spot_rule(judge, train_images, [labels[i] for i in train], liver, lesion), None
+        except InputError as err:  # e.g. a judge too briefly trained to outline a liver (--quick)
+            rule, spot_skipped = None, str(err)
         judge_rows = {"with_lesion": [0, 0, 0], "without_lesion": [0, 0, 0]}
         for i in held:
             count, _, predicted = lesion_voxels(judge, images[i], lesion)
             key = "with_lesion" if (labels[i] == lesion).any() else "without_lesion"
             judge_rows[key][0] += count >= args.min_lesion_voxels
-            judge_rows[key][1] += rule.judge(images[i], liver_of(predicted, liver, lesion))["detected"]
+            judge_rows[key][1] += rule is not None and rule.judge(images[i], liver_of(predicted, liver, lesion))["detected"]
             judge_rows[key][2] += 1
         t0 = time.perf_counter()
         # above 32^3 the autoencoder trains on 32^3 crops (the tiny config's patch; the same cost per
@@ -272,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             judged = [lesion_voxels(judge, v, lesion) for v in volumes]
             counts = [c for c, _, _ in judged]
             hits = sum(c >= args.min_lesion_voxels for c in counts)
-            spots = [rule.judge(v, liver_of(p, liver, lesion)) for v, (_, _, p) in zip(volumes, judged)]
+            spots = [rule.judge(v, liver_of(p, liver, lesion)) if rule is not None else
+                     {"score": None, "detected": False} for v, (_, _, p) in zip(volumes, judged)]
             found = [s["detected"] for s in spots]
             rows[key] = {"prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
                          "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                      "latent_factor": args.latent_factor, "dit_region_weight": args.dit_region_weight},
         "train_seconds": timings,
         "judge_on_real_held_out": {k: {"fired": f, "spot": c, "cases": n} for k, (f, c, n) in judge_rows.items()},
-        "spot_rule": rule.to_dict(),
+        "spot_rule": rule.to_dict() if rule is not None else {"skipped": spot_skipped},
         "lesion_contrast_held_out": contrast,
         "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("volumes", "masks")} for k, v in rows.items()},
         "fisher_p": round(fisher_p(lesion_row["with_lesion"], lesion_row["samples"], none_row["with_lesion"],
@@ -334,7 +339,9 @@ def render(r: dict, figure_path: Path) -> str:
              "as lesion. On the held-out real phantoms it fires on "
              f"**{j['with_lesion']['fired']}/{j['with_lesion']['cases']}** cases with a lesion and "
              f"**{j['without_lesion']['fired']}/{j['without_lesion']['cases']}** without.", ""]
-    if "spot_rule" in r:
+    if "skipped" in r.get("spot_rule", {}):
+        lines += [f"Spot rule: not fit ({r['spot_rule']['skipped']}); its columns below are empty.", ""]
+    elif "spot_rule" in r:
         spot = r["spot_rule"]
         lines += ["Spot rule (`medsynth.evaluation.lesion_spot`): the liver the segmenter outlines is smoothed "
                   f"inside itself (sigma {spot['sigma']:g} voxel), and its darkest spot at least {spot.get('margin', 0)} "
@@ -347,7 +354,8 @@ def render(r: dict, figure_path: Path) -> str:
               "judged lesion voxels per sample |", "|---|---|---|---|---|---|---|"]
     for key in ("lesion_prompt", "no_lesion_prompt"):
         row = r["rows"][key]
-        spot = ("-", "-") if "with_spot" not in row else (row["with_spot"], f"{row['spot_rate']:.2f}")
+        spot = (("-", "-") if "with_spot" not in row or "skipped" in r.get("spot_rule", {})
+                else (row["with_spot"], f"{row['spot_rate']:.2f}"))
         lines.append(f"| `{row['prompt']}` | {row['samples']} | {row['with_lesion']} | {row['rate']:.2f} | "
                      f"{spot[0]} | {spot[1]} | {row['lesion_voxels']} |")
     false_alarms = j["without_lesion"]["fired"] / max(j["without_lesion"]["cases"], 1)
