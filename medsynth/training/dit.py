@@ -133,8 +133,9 @@ class LatentCacheDataset(Dataset):
     """Cached latents of the generative splits, scaled by the cache's ``scale_factor``.
 
     Items: ``{"latent": (C, x, y, z) float32, "prompt": str, "metadata": dict}``, plus
-    ``"label": (X, Y, Z) int64`` (image resolution, ``X = x * f``) when ``with_labels``; a crop
-    then cuts the label map at the same place, so region loss weights stay on their voxels.
+    ``"label": (X, Y, Z)`` integer, as stored (image resolution, ``X = x * f``) when
+    ``with_labels``; a crop then cuts the label map at the same place, so region loss weights stay
+    on their voxels.
 
     Raises:
         InputError: no stats.json (unfinished cache), no latents in ``splits``, or a case without
@@ -168,7 +169,7 @@ class LatentCacheDataset(Dataset):
                     raise InputError(f"case {meta.get('case_id', path.stem)!r} has no label map, but "
                                      "training.region_classes needs one for every case; encode a labelled "
                                      "dataset or leave region_classes empty", path)
-                label = tensors["label"].long()
+                label = tensors["label"]  # kept as stored (int16): a 256^3 map in int64 is 134 MB
                 if any(s % t for s, t in zip(label.shape, latent.shape[1:])):
                     raise InputError(f"label grid {tuple(label.shape)} is not a multiple of the latent grid "
                                      f"{tuple(latent.shape[1:])}; encode the cache again", path)
