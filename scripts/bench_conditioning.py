@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(r: dict, figure: Path) -> str:
+    from medsynth.evaluation.lesion_contrast import bin_start
+
     t, j, m = r["text"], r["judge_on_real"], r["mask_fidelity"]
     lines = [f"# Conditioning at demo scale: {r['modality'].upper()} phantoms {r['size']}^3 (CPU)", "",
              f"Command: `{r['command']}` on a finished `medsynth demo --modality {r['modality']}` folder. "
@@ -551,8 +553,6 @@ def render(r: dict, figure: Path) -> str:
               "|---|---|---|"]
     for key, v in r["lesion_detection"].items():
         lines.append(f"| {key} | {v['detected']}/{v['lesions']} | {v['rate']:.2f} |")
-    from medsynth.evaluation.lesion_contrast import bin_start
-
     paired = r.get("lesion_contrast")
     if paired and "skipped" in paired:
         lines += ["", "## Lesion detection by size (paired, contrast rule)", "", f"Not measured: {paired['skipped']}."]

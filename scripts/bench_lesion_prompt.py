@@ -15,8 +15,8 @@ question where it can be answered at the same scale (32^3, CPU, minutes):
    when it labels at least ``--min-lesion-voxels`` voxels as lesion. A second judge, the spot rule
    (``medsynth.evaluation.lesion_spot``), searches the liver the segmenter outlines, away from its
    rim, for its darkest smoothed spot and fires when that spot is darker than in 95 % of the real
-   lesion-free training livers. Both are scored on the held-out real phantoms first (with and without a lesion), so the
-   reader sees how far to trust them.
+   lesion-free training livers. Both are scored on the held-out real phantoms first (with and
+   without a lesion), so the reader sees how far to trust them.
 4. Text-only samples (the same seeds for both prompts) for a prompt asking for a lesion and one
    asking for none; the lesion rate of each, a two-sided Fisher exact test between them, and a
    figure of the samples with the judge's lesion voxels outlined.
@@ -95,13 +95,11 @@ def lesion_contrast(autoencoder, images: list[np.ndarray], labels: list[np.ndarr
             "reconstruction": round(float(np.mean(recon)), 4) if recon else None}
 
 
-def lesion_voxels(judge, image: np.ndarray, lesion: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Voxels the judge labels as lesion in a model-range image, that mask, and its whole label map."""
+def segment(judge, image: np.ndarray) -> np.ndarray:
+    """The judge's label map ``(X, Y, Z)`` of a model-range image."""
     from medsynth.training.segmentation import predict_volume
 
-    predicted = predict_volume(judge.module, image, judge.patch)
-    mask = predicted == lesion
-    return int(mask.sum()), mask, predicted
+    return predict_volume(judge.module, image, judge.patch)
 
 
 def liver_of(predicted: np.ndarray, liver: int, lesion: int) -> np.ndarray:
@@ -114,11 +112,8 @@ def fit_spot_rule(judge, images: list[np.ndarray], labels: list[np.ndarray], liv
     it (as generated images will be): the threshold from the lesion-free ones."""
     from medsynth.evaluation.lesion_spot import SpotRule
 
-    triples = []
-    for image, label in zip(images, labels):
-        _, _, predicted = lesion_voxels(judge, image, lesion)
-        triples.append((image, liver_of(predicted, liver, lesion), label == lesion))
-    return SpotRule.fit(triples)
+    return SpotRule.fit((image, liver_of(segment(judge, image), liver, lesion), label == lesion)
+                        for image, label in zip(images, labels))
 
 
 def fisher_p(a_hits: int, a_n: int, b_hits: int, b_n: int) -> float:
@@ -240,12 +235,19 @@ def main(argv: list[str] | None = None) -> int:
             rule, spot_skipped = fit_spot_rule(judge, train_images, [labels[i] for i in train], liver, lesion), None
         except InputError as err:  # e.g. a judge too briefly trained to outline a liver (--quick)
             rule, spot_skipped = None, str(err)
+
+        def spot(image: np.ndarray, predicted: np.ndarray) -> dict:
+            """The spot rule on one image, searched in the liver the segmenter outlines (nothing when not fit)."""
+            if rule is None:
+                return {"score": None, "detected": False}
+            return rule.judge(image, liver_of(predicted, liver, lesion))
+
         judge_rows = {"with_lesion": [0, 0, 0], "without_lesion": [0, 0, 0]}
         for i in held:
-            count, _, predicted = lesion_voxels(judge, images[i], lesion)
+            predicted = segment(judge, images[i])
             key = "with_lesion" if (labels[i] == lesion).any() else "without_lesion"
-            judge_rows[key][0] += count >= args.min_lesion_voxels
-            judge_rows[key][1] += rule is not None and rule.judge(images[i], liver_of(predicted, liver, lesion))["detected"]
+            judge_rows[key][0] += int((predicted == lesion).sum()) >= args.min_lesion_voxels
+            judge_rows[key][1] += spot(images[i], predicted)["detected"]
             judge_rows[key][2] += 1
         t0 = time.perf_counter()
         # above 32^3 the autoencoder trains on 32^3 crops (the tiny config's patch; the same cost per
@@ -273,16 +275,16 @@ def main(argv: list[str] | None = None) -> int:
             volumes = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
                              args.guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
                              seed=2024)  # the same noise for both prompts
-            judged = [lesion_voxels(judge, v, lesion) for v in volumes]
-            counts = [c for c, _, _ in judged]
+            predictions = [segment(judge, v) for v in volumes]
+            masks = [p == lesion for p in predictions]
+            counts = [int(m.sum()) for m in masks]
             hits = sum(c >= args.min_lesion_voxels for c in counts)
-            spots = [rule.judge(v, liver_of(p, liver, lesion)) if rule is not None else
-                     {"score": None, "detected": False} for v, (_, _, p) in zip(volumes, judged)]
+            spots = [spot(v, p) for v, p in zip(volumes, predictions)]
             found = [s["detected"] for s in spots]
             rows[key] = {"prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
                          "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
                          "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
-                         "volumes": volumes, "masks": [m for _, m, _ in judged]}
+                         "volumes": volumes, "masks": masks}
     png = figure(rows, args.out / "figures" / f"{stem}.png")
     lesion_row, none_row = rows["lesion_prompt"], rows["no_lesion_prompt"]
     train_lesion = sum(bool((labels[i] == lesion).any()) for i in train)

@@ -67,6 +67,9 @@ def check_region_weighting(classes: Sequence[str], weight: float) -> list[str]:
 def region_label_values(classes: Sequence[str], labels: Mapping[str, int] | None) -> list[int]:
     """The label values of ``classes`` in ``labels`` (name -> value); ConfigError naming the known labels."""
     labels = dict(labels or {})
+    if classes and not labels:
+        raise ConfigError(f"training.region_classes {list(classes)} needs a label table, but none was given; "
+                          "encode a labelled dataset (its stats.json records the labels)")
     unknown = [c for c in classes if c not in labels]
     if unknown:
         raise ConfigError(f"training.region_classes names {unknown}, which are not labels; known labels are "

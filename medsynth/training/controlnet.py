@@ -91,6 +91,11 @@ class ControlNetTrainingConfig:
             raise ConfigError(f"expects max_steps, batch_size >= 1 and lr > 0, but got max_steps={self.max_steps}, "
                               f"batch_size={self.batch_size}, lr={self.lr}")
 
+    @property
+    def weights_regions(self) -> bool:
+        """Whether the loss is weighted inside ``region_classes``."""
+        return bool(self.region_classes) and self.region_loss_weight != 1.0
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -237,14 +242,14 @@ class ControlNetModule(L.LightningModule):
                                     drop_metadata=drop_metadata, drop_mask=drop_mask)
         prediction = self.dit(xt, timesteps, text, metadata, drop_text=drop_text, drop_metadata=drop_metadata,
                               block_residuals=residuals)
-        error = (prediction.float() - self.objective.target(x0, noise, timesteps).float()) ** 2
-        loss = error.mean()
-        if self.cfg.region_classes and self.cfg.region_loss_weight != 1.0:
+        plain = self.objective.loss(prediction, x0, noise, timesteps)
+        loss = plain.loss
+        if self.cfg.weights_regions:
             weights = region_weights(label, self.region_values,
                                      self.controlnet.config.image_to_latent_factor, self.cfg.region_loss_weight)
-            loss = (error * weights).mean()
+            loss = self.objective.loss(prediction, x0, noise, timesteps, weights).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/mse", error.mean(), batch_size=b)
+        self.log("train/mse", plain.loss, batch_size=b)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -101,6 +101,11 @@ class DiTTrainingConfig:
                               f"max_steps={self.max_steps}, batch_size={self.batch_size}, "
                               f"loss_buckets={self.loss_buckets}, lr={self.lr}")
 
+    @property
+    def weights_regions(self) -> bool:
+        """Whether the loss is weighted inside ``region_classes`` (needs label maps in the cache)."""
+        return bool(self.region_classes) and self.region_loss_weight != 1.0
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -259,8 +264,7 @@ class DiTModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = DiTConfig.from_dict(model)
         self.cfg = DiTTrainingConfig.from_dict(training)
-        self.region_values = (region_label_values(self.cfg.region_classes, labels)
-                              if self.cfg.region_classes and self.cfg.region_loss_weight != 1.0 else [])
+        self.region_values = region_label_values(self.cfg.region_classes, labels) if self.cfg.weights_regions else []
         objective = dict(objective or {"name": "rectified_flow"})
         self.objective = make_objective(check_objective(objective.get("name", "rectified_flow")),
                                         **dict(objective.get("options") or {}))
@@ -406,8 +410,7 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
     if max_steps is not None:
         training.max_steps = int(max_steps)
     L.seed_everything(training.seed, workers=True)
-    weighted = bool(training.region_classes) and training.region_loss_weight != 1.0
-    data = LatentCacheDataset(cache_dir, ("train",), training.crop, with_labels=weighted)
+    data = LatentCacheDataset(cache_dir, ("train",), training.crop, with_labels=training.weights_regions)
     model_cfg = dict(run_config.get("model") or {})
     channels = data.items[0][0].shape[0]
     if model_cfg.get("in_channels", channels) != channels:
@@ -419,7 +422,7 @@ def fit_dit(cache_dir: str | Path, out_dir: str | Path, run_config: Mapping[str,
     module = DiTModule(model_cfg, text_cfg, dict(run_config.get("objective") or {"name": "rectified_flow"}),
                        training.to_dict(), dict(run_config.get("sampling") or {}),
                        {"scale_factor": data.scale_factor, "latent_cache": str(cache_dir)},
-                       labels=data.label_table if weighted else None)
+                       labels=data.label_table)
     for case_id, (_, _, record) in zip(data.case_ids, data.items):  # fail before training, naming the case
         try:
             module.model.encode_metadata([record])

@@ -174,6 +174,8 @@ def test_region_weights_raise_the_loss_only_where_the_class_is(cache, labelled_c
     with pytest.raises(ConfigError, match=r"\['tumour'\], which are not labels; known labels are"):
         DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), None, {"region_classes": ["tumour"],
                                                                         "region_loss_weight": 5.0}, labels=LABELS)
+    with pytest.raises(ConfigError, match="needs a label table"):
+        DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), None, training)
     with pytest.raises(ConfigError, match="region_loss_weight >= 1"):
         DiTModule(MODEL, text_encoder_config_for(TEXT, PROMPTS), None, {"region_loss_weight": 0.5})
     config = {"model": MODEL, "text_encoder": TEXT, "training": training}
