@@ -105,6 +105,33 @@ def file_reader(case) -> np.ndarray:
     return read_volume(case.image).array
 
 
+def fresh_phantom_pairs(demo: Path, num: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``num`` new real phantoms for the judge, ``[(model-range image, label)]``: made by
+    ``medsynth phantoms`` with the demo's settings (from its phantom dataset.json) and a seed the
+    demo did not use, then ``medsynth prepare``d as the demo prepares, so they are drawn from the
+    held-out cases' distribution without being any of them."""
+    import tempfile
+
+    from medsynth.cli import build_parser
+    from medsynth.pipelines.assemble import training_pairs
+
+    block = json.loads((demo / "phantoms" / "dataset.json").read_text())["medsynth"]
+    made, modality = block["phantoms"], str(block["modality"])
+    seed = int(made["seed"]) + 7919  # phantom i of seed s is SeedSequence(s, spawn_key=(i,)): disjoint from the demo's
+    with tempfile.TemporaryDirectory(prefix="medsynth_judge_phantoms_") as tmp:
+        commands = [["phantoms", "--modality", modality.lower(), "--num", str(num), "--size", str(made["size"]),
+                     "--out", f"{tmp}/phantoms", "--seed", str(seed), "--lesion-rate", str(made["lesion_rate"]),
+                     "--noise", str(made.get("noise", "fixed")), "--no-progress"],
+                    ["prepare", "--input", f"{tmp}/phantoms", "--out", f"{tmp}/prepared", "--modality",
+                     modality.upper(), "--multiple-of", "8", "--no-progress"]]
+        for argv in commands:
+            args = build_parser().parse_args(argv)
+            if int(args.func(args) or 0):
+                sys.exit(f"`medsynth {' '.join(argv)}` failed")
+        _, pairs = training_pairs(f"{tmp}/prepared", ("train", "val", "test"))
+    return pairs
+
+
 def real_judge(dataset, segmenter, lesion_value: int, min_voxels: int, read_image: Callable[[Any], np.ndarray]) -> dict:
     """The lesion rule on real held-out phantoms: how often it fires with / without a true lesion."""
     from medsynth.io import read_volume
@@ -400,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the trained judge here and reuse it when it is already there (trained on the same "
                              "demo's training split for the same --judge-steps; anything else is refused), so several "
                              "pipelines are scored by one judge")
+    parser.add_argument("--judge-phantoms", type=int, default=0, metavar="N",
+                        help="train the judge on N fresh real phantoms as well (made and prepared with the demo's own "
+                             "phantom settings and another seed, so none is a held-out case): more real data for a "
+                             "judge that overfits the training split (0: the training split only)")
     parser.add_argument("--judge-steps", type=int, default=2000,
                         help="train the judge (SegResNet) this long on the real training split; 0: use the "
                              "pipeline's own quality-gate segmenter (the demo trains it briefly)")
@@ -420,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
                  "segmenter is used and there is nothing to keep")
     # what a kept judge must have been trained on to be reused
     trained_on = {"data": str((args.demo / "prepared").resolve()), "split": "train", "steps": args.judge_steps}
+    if args.judge_phantoms:
+        trained_on["fresh_phantoms"] = args.judge_phantoms
+    if args.judge_phantoms < 0 or (args.judge_phantoms and args.judge_steps <= 0):
+        sys.exit(f"--judge-phantoms needs a count >= 0 and a judge to train (--judge-steps > 0), got "
+                 f"--judge-phantoms {args.judge_phantoms} --judge-steps {args.judge_steps}")
+    trained_on_words = "real train split" + (f" + {args.judge_phantoms} fresh real phantoms" if args.judge_phantoms else "")
     if args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
         from medsynth.training.segmentation import load_agreement_segmenter
 
@@ -429,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"--judge-dir {args.judge_dir} holds a judge trained on {kept}, not on {trained_on}; "
                      "give another folder")
         segmenter = load_agreement_segmenter(args.judge_dir)
-        judge = {"kind": "segresnet", "steps": segmenter.steps, "trained_on": "real train split", "lr": segmenter_lr(),
+        judge = {"kind": "segresnet", "steps": segmenter.steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
                  "loaded_from": str(args.judge_dir)}
     elif args.judge_steps > 0:
         from medsynth.data.transforms import IntensityMapping
@@ -438,9 +475,12 @@ def main(argv: list[str] | None = None) -> int:
 
         real, pairs = training_pairs(args.demo / "prepared", ("train",))
         labels = {k: int(v) for k, v in real.labels.items() if k != "ignore"}
+        if args.judge_phantoms:
+            pairs += fresh_phantom_pairs(args.demo, args.judge_phantoms)
         segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(pipe.record["intensity"]),
                                             args.judge_steps, patch=32, seed=0, accelerator="cpu")
-        judge = {"kind": "segresnet", "steps": args.judge_steps, "trained_on": "real train split", "lr": segmenter_lr()}
+        judge = {"kind": "segresnet", "steps": args.judge_steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
+                 "training_cases": len(pairs)}
         if args.judge_dir is not None:
             from medsynth.training.segmentation import save_agreement_segmenter
 
@@ -508,7 +548,8 @@ def render(r: dict, figure: Path) -> str:
     lines = [f"# Conditioning at demo scale: {r['modality'].upper()} phantoms {r['size']}^3 (CPU)", "",
              f"Command: `{r['command']}` on a finished `medsynth demo --modality {r['modality']}` folder. "
              f"Machine: {r['machine']}. Judge: "
-             f"a SegResNet trained {r['segmenter'].get('steps')} steps on the demo's real training split; "
+             f"a SegResNet trained {r['segmenter'].get('steps')} steps on the demo's "
+             f"{r['segmenter'].get('trained_on', 'real train split').replace('real train split', 'real training split')}; "
              "its Dice on real held-out phantoms is the ceiling below. "
              f"{r['steps']} sampling steps. Tiny models trained for minutes on a CPU: these numbers show "
              "what the demo reaches, not what trained models reach.", "",

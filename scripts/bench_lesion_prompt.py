@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 LESION_PROMPT = "CT abdomen portal venous, liver lesion 38 mm, female, 60"
 NONE_PROMPT = "CT abdomen portal venous, no lesion, female, 60"
+DEFAULT_DIT_STEPS = 2500
 
 
 def phantom_cases(root: Path, num: int, size: int, lesion_rate: float, lesion_size: tuple[float, float],
@@ -123,6 +124,18 @@ def fisher_p(a_hits: int, a_n: int, b_hits: int, b_n: int) -> float:
     return float(fisher_exact([[a_hits, a_n - a_hits], [b_hits, b_n - b_hits]])[1])
 
 
+def sweep_row(guidance: float, rows: dict) -> dict:
+    """Both prompts' lesion counts at one guidance scale, by both judges, with the Fisher p of each."""
+    a, b = rows["lesion_prompt"], rows["no_lesion_prompt"]
+    return {"guidance": guidance, "samples": a["samples"],
+            "segmenter": [a["with_lesion"], b["with_lesion"]],
+            "spot": [a["with_spot"], b["with_spot"]],
+            "fisher_p": round(fisher_p(a["with_lesion"], a["samples"], b["with_lesion"], b["samples"]), 5),
+            "fisher_p_spot": round(fisher_p(a["with_spot"], a["samples"], b["with_spot"], b["samples"]), 5),
+            "median_spot_score": [None if any(v is None for v in r["spot_scores"])
+                                  else round(float(np.median(r["spot_scores"])), 4) for r in (a, b)]}
+
+
 def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
     """Central axial slice (through the judged lesion when there is one) of the first samples of each prompt."""
     import matplotlib
@@ -170,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, nargs=2, default=(-200.0, 300.0), metavar=("LOW", "HIGH"),
                         help="CT window in HU mapped to [-1, 1]")
     parser.add_argument("--ae-steps", type=int, default=1200)
-    parser.add_argument("--dit-steps", type=int, default=2500)
+    parser.add_argument("--dit-steps", type=int, default=DEFAULT_DIT_STEPS,
+                        help=f"DiT training steps; other than {DEFAULT_DIT_STEPS}, results get a _ditSTEPS suffix")
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=16, help="samples per prompt")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (rectified flow, Euler)")
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0],
+                        help="classifier-free guidance scale(s); the first is the headline (table and figure), "
+                             "further ones are sampled from the same DiT with the same seeds and tabulated beside it")
     parser.add_argument("--min-lesion-voxels", type=int, default=3)
     parser.add_argument("--judge-oversampling", type=float, default=1 / 3,
                         help="share of the judge's 32^3 training patches centred on a foreground class (nnU-Net's "
@@ -199,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     stem = ("lesion_prompt_cpu" + (f"_{args.size}" if args.size != 32 else "")
             + ("_scanner_noise" if args.noise == "scanner" else "")
             + (f"_f{args.latent_factor}" if args.latent_factor != 4 else "")
-            + (f"_dw{args.dit_region_weight:g}" if args.dit_region_weight != 1 else ""))
+            + (f"_dw{args.dit_region_weight:g}" if args.dit_region_weight != 1 else "")
+            + (f"_dit{args.dit_steps}" if args.dit_steps != DEFAULT_DIT_STEPS else ""))
     if args.dit_region_weight < 1:
         parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
+    if any(g < 1 for g in args.guidance):
+        parser.error(f"--guidance must be >= 1 (1 = no guidance), got {args.guidance}")
     if args.size % 32:
         parser.error(f"--size must be a multiple of 32 (the tiny autoencoder's patch), got {args.size}")
     if args.quick:
@@ -270,21 +289,25 @@ def main(argv: list[str] | None = None) -> int:
         dit, encoder, _ = load_dit(export)
         latent_shape = tuple(autoencoder.encode(torch.zeros(1, 1, *(args.size,) * 3)).shape[1:])
         meta = records[train[0]]["metadata"]
-        rows = {}
-        for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
-            volumes = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
-                             args.guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
-                             seed=2024)  # the same noise for both prompts
-            predictions = [segment(judge, v) for v in volumes]
-            masks = [p == lesion for p in predictions]
-            counts = [int(m.sum()) for m in masks]
-            hits = sum(c >= args.min_lesion_voxels for c in counts)
-            spots = [spot(v, p) for v, p in zip(volumes, predictions)]
-            found = [s["detected"] for s in spots]
-            rows[key] = {"prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
-                         "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
-                         "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
-                         "volumes": volumes, "masks": masks}
+        sweep = {}
+        for guidance in args.guidance:  # the same DiT, the same seeds: only the guidance scale differs
+            sweep[guidance] = {}
+            for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
+                volumes = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
+                                 guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
+                                 seed=2024)  # the same noise for both prompts
+                predictions = [segment(judge, v) for v in volumes]
+                masks = [p == lesion for p in predictions]
+                counts = [int(m.sum()) for m in masks]
+                hits = sum(c >= args.min_lesion_voxels for c in counts)
+                spots = [spot(v, p) for v, p in zip(volumes, predictions)]
+                found = [s["detected"] for s in spots]
+                sweep[guidance][key] = {
+                    "prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
+                    "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
+                    "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
+                    "volumes": volumes, "masks": masks}
+        rows = sweep[args.guidance[0]]
     png = figure(rows, args.out / "figures" / f"{stem}.png")
     lesion_row, none_row = rows["lesion_prompt"], rows["no_lesion_prompt"]
     train_lesion = sum(bool((labels[i] == lesion).any()) for i in train)
@@ -297,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                      "lesion_size_mm": list(args.lesion_size), "window_hu": list(args.window),
                      "autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps,
                      "judge_steps": args.judge_steps, "judge_oversampling": round(args.judge_oversampling, 3),
-                     "sampling_steps": args.steps, "guidance": args.guidance,
+                     "sampling_steps": args.steps, "guidance": args.guidance[0],
                      "min_lesion_voxels": args.min_lesion_voxels, "phantom_noise": args.noise,
                      "autoencoder": f"configs/autoencoder/{TINY_CONFIGS[args.latent_factor]}",
                      "dit": f"configs/dit/{TINY_CONFIGS[args.latent_factor]}",
@@ -311,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                    none_row["samples"]), 5),
         "fisher_p_spot": round(fisher_p(lesion_row["with_spot"], lesion_row["samples"], none_row["with_spot"],
                                         none_row["samples"]), 5),
+        "guidance_sweep": [sweep_row(g, sweep[g]) for g in args.guidance],
         "figure": str(png),
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -319,6 +343,22 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(render(result, png.relative_to(args.out)))
     print(render(result, png))
     return 0
+
+
+def sweep_lines(r: dict) -> list[str]:
+    """The guidance sweep as a table (nothing when one scale was sampled)."""
+    sweep = r.get("guidance_sweep", [])
+    if len(sweep) < 2:
+        return []
+    lines = ["Guidance sweep (the same DiT and seeds; samples with a lesion, lesion prompt / no-lesion prompt):", "",
+             "| guidance | segmenter | p | spot rule | p | median spot score (threshold "
+             f"{r['spot_rule'].get('threshold', float('nan')):.3f}) |", "|---|---|---|---|---|---|"]
+    for row in sweep:
+        seg, spot, med = row["segmenter"], row["spot"], row["median_spot_score"]
+        lines.append(f"| {row['guidance']:g} | {seg[0]}/{row['samples']} vs {seg[1]}/{row['samples']} | "
+                     f"{row['fisher_p']} | {spot[0]}/{row['samples']} vs {spot[1]}/{row['samples']} | "
+                     f"{row['fisher_p_spot']} | {med[0]} vs {med[1]} |")
+    return lines + [""]
 
 
 def render(r: dict, figure_path: Path) -> str:
@@ -371,6 +411,7 @@ def render(r: dict, figure_path: Path) -> str:
                   "lesion it cannot reconstruct is one no prompt can produce."]
     lines += ["", f"Two-sided Fisher exact test between the two rates: p = {r['fisher_p']} (segmenter)"
               + (f", p = {r['fisher_p_spot']} (spot rule)" if "fisher_p_spot" in r else "") + ".", "",
+              *sweep_lines(r),
               f"Lesion contrast (mean liver minus mean lesion, model range) on the {c['cases']} held-out real "
               f"phantoms with a lesion: real {c['real']}, after the autoencoder {c['reconstruction']}.", "",
               f"![samples per prompt]({figure_path})", "", f"Run time: {r['seconds']} s.", ""]

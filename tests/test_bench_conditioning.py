@@ -79,6 +79,24 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and "give another folder" in proc.stderr
     assert not (tmp_path / "bench3" / "conditioning_ct.json").exists()
+    # so is one trained without the fresh phantoms asked for now
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
+                           "--out", str(tmp_path / "bench3"), "--num", "1", "--steps", "2", "--judge-steps", "3",
+                           "--judge-phantoms", "3", "--judge-dir", str(tmp_path / "judge")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "'fresh_phantoms': 3" in proc.stderr
+
+    # a judge trained on 3 fresh real phantoms besides the training split
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
+                           "--out", str(tmp_path / "bench4"), "--num", "1", "--steps", "2", "--judge-steps", "3",
+                           "--judge-phantoms", "3"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads((tmp_path / "bench4" / "conditioning_ct.json").read_text())["segmenter"]
+    from medsynth.data.manifest import read_dataset
+
+    assert fresh["training_cases"] == len(read_dataset(demo / "prepared").splits["train"]) + 3
+    assert fresh["trained_on"] == "real train split + 3 fresh real phantoms"
+    assert "real training split + 3 fresh real phantoms" in (tmp_path / "bench4" / "conditioning_ct.md").read_text()
 
 
 def test_real_mr_cases_reach_the_judge_as_the_models_saw_them(tmp_path: Path) -> None:

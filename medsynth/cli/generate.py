@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
                      help="voxel size in mm (default: the training spacing)")
     gen.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
-                     help="conditioning value, e.g. region=abdomen, sex=F, age=63 (repeatable)")
+                     help="conditioning value, e.g. region=abdomen, sex=F, age=63, sequence=T2 (repeatable; an MR "
+                          "sequence the prompt names is used when none is given)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     gen.add_argument("--format", default="nifti", choices=("nifti", "dicom", "both"),
                      help="nifti: the dataset folder; dicom/both: plus a DICOM series per case under dicom/")

@@ -1,6 +1,6 @@
 """Diffusion maths apart from the model: schedulers (diffusers), training objectives, guidance."""
 
-from medsynth.diffusion.guidance import classifier_free_guidance, sample_condition_dropout
+from medsynth.diffusion.guidance import classifier_free_guidance, forget_sequence, sample_condition_dropout
 from medsynth.diffusion.objectives import (EpsilonPrediction, LossOutput, Objective, RectifiedFlow, VPrediction,
                                            bucket_losses, check_region_weighting, make_objective,
                                            region_label_values, region_weights)
@@ -9,4 +9,4 @@ from medsynth.diffusion.schedulers import OBJECTIVES, SAMPLERS, default_sampler,
 __all__ = ["make_scheduler", "default_sampler", "OBJECTIVES", "SAMPLERS", "make_objective", "Objective",
            "RectifiedFlow", "EpsilonPrediction", "VPrediction", "LossOutput", "bucket_losses",
            "region_weights", "region_label_values", "check_region_weighting",
-           "classifier_free_guidance", "sample_condition_dropout"]
+           "classifier_free_guidance", "forget_sequence", "sample_condition_dropout"]

@@ -62,4 +62,28 @@ def sample_condition_dropout(batch_size: int, text_drop_rate: float, metadata_dr
     return (text_draw < text_drop_rate).to(device), (metadata_draw < metadata_drop_rate).to(device)
 
 
-__all__ = ["classifier_free_guidance", "dual_guidance", "sample_condition_dropout"]
+def forget_sequence(metadata: dict[str, Tensor], rate: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Metadata tensors with the MR sequence set to "not given" (0) for a random share of samples.
+
+    A dataset whose cases all name their sequence would otherwise never train the "not given"
+    embedding that a prompt without a sequence samples with. Draws nothing when no sample
+    has a sequence (CT batches), so their training is unchanged.
+
+    Args:
+        metadata: tensors from :func:`~medsynth.models.embeddings.encode_metadata`; ``"sequence"``
+            is ``(B,)`` long.
+        rate: share of samples that lose their sequence (the metadata drop rate).
+
+    Returns:
+        A new dict; the input is not modified.
+    """
+    rate = _check_rate("metadata_drop_rate", rate)
+    sequence = metadata.get("sequence")
+    if sequence is None or rate == 0 or not bool((sequence > 0).any()):
+        return metadata
+    draw = torch.rand(sequence.shape[0], generator=generator,
+                      device=generator.device if generator is not None else "cpu").to(sequence.device)
+    return {**metadata, "sequence": torch.where(draw < rate, torch.zeros_like(sequence), sequence)}
+
+
+__all__ = ["classifier_free_guidance", "dual_guidance", "sample_condition_dropout", "forget_sequence"]

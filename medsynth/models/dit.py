@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medsynth.errors import ConfigError
 from medsynth.models.embeddings import (AttributeEmbedder, MetadataEmbedder, TimestepEmbedder, encode_attributes,
-                                        encode_metadata, sincos_position_embedding_3d)
+                                        encode_metadata, normalise_sequence, sincos_position_embedding_3d)
 from medsynth.models.text_encoder import TextEmbedding
 
 PATCH_SIZES: tuple[int, ...] = (1, 2, 4)
@@ -70,6 +70,10 @@ class DiTConfig:
             are refused by :meth:`DiT3D.encode_metadata`, since their embedding was never trained.
         gradient_checkpointing: recompute block activations in the backward pass instead of
             storing them: ~30 % slower steps for much less memory at large grids.
+        sequences: the MR sequence vocabulary of the metadata embedder (e.g. T1, T1C, T2, FLAIR;
+            dataset spellings such as ``t2w`` or ``T2-FLAIR`` are normalised). Empty: no sequence
+            field (the sequence then reaches the model only through the prompt). A record
+            without a sequence (CT, or not given) uses a "not given" embedding.
         attributes: names of optional scalar conditions (e.g. the label generator's
             ``volume:liver`` size quantile); empty for the image DiT. Each may be left out per
             sample (NaN), so one model serves any subset; see :class:`AttributeEmbedder`.
@@ -86,6 +90,7 @@ class DiTConfig:
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     regions: tuple[str, ...] = DEFAULT_REGIONS
     gradient_checkpointing: bool = False
+    sequences: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -93,6 +98,10 @@ class DiTConfig:
         self.modalities = tuple(str(m).upper() for m in self.modalities)
         self.regions = tuple(str(r).lower() for r in self.regions)
         self.attributes = tuple(str(a) for a in self.attributes)
+        self.sequences = tuple(normalise_sequence(q) for q in self.sequences)
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ConfigError(f"expects sequences without repeats (after normalising names), but got "
+                              f"sequences={list(self.sequences)}")
         if len(set(self.attributes)) != len(self.attributes):
             raise ConfigError(f"expects attributes without repeats, but got attributes={list(self.attributes)}")
         for name in ("in_channels", "depth", "num_heads", "text_dim"):
@@ -253,7 +262,7 @@ class ConditionEmbedder(nn.Module):
         self.text_tokens = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d))
         self.text_pooled = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d), nn.SiLU(),
                                          nn.Linear(d, d))
-        self.metadata = MetadataEmbedder(d, len(config.modalities), len(config.regions))
+        self.metadata = MetadataEmbedder(d, len(config.modalities), len(config.regions), len(config.sequences))
         # Attributes join the metadata vector, so dropping metadata (guidance) drops them too.
         self.attributes = AttributeEmbedder(len(config.attributes), d) if config.attributes else None
         self.null_text_token = nn.Parameter(torch.zeros(d))
@@ -364,7 +373,7 @@ class DiT3D(nn.Module):
         number) becomes ``"attributes": (B, A)`` (NaN = not given); a model without attributes
         refuses records that carry any.
         """
-        out = encode_metadata(records, self.config.modalities, self.config.regions)
+        out = encode_metadata(records, self.config.modalities, self.config.regions, self.config.sequences)
         if self.config.attributes:
             out["attributes"] = encode_attributes(records, self.config.attributes)
         elif any(rec.get("attributes") for rec in records):
@@ -449,13 +458,18 @@ class DiT3D(nn.Module):
 # DiT-S/B/L widths with patch 2 (a 32^3 latent -> 4096 tokens).
 # ---------------------------------------------------------------------------------------------
 
+# The presets' MR sequence field (DiTConfig.sequences); the dataclass default stays empty, so an
+# export written before the field existed loads with exactly its own state dict.
+PRESET_SEQUENCES: tuple[str, ...] = ("T1", "T1C", "T2", "FLAIR")
 PRESETS: dict[str, DiTConfig] = {
-    "tiny": DiTConfig(patch_size=(1, 1, 1), hidden_size=128, depth=4, num_heads=4, text_dim=64),
-    "s": DiTConfig(patch_size=(2, 2, 2), hidden_size=384, depth=12, num_heads=6, text_dim=128),
+    "tiny": DiTConfig(patch_size=(1, 1, 1), hidden_size=128, depth=4, num_heads=4, text_dim=64,
+                      sequences=PRESET_SEQUENCES),
+    "s": DiTConfig(patch_size=(2, 2, 2), hidden_size=384, depth=12, num_heads=6, text_dim=128,
+                   sequences=PRESET_SEQUENCES),
     "b": DiTConfig(patch_size=(2, 2, 2), hidden_size=768, depth=12, num_heads=12, text_dim=768,
-                   gradient_checkpointing=True),
+                   gradient_checkpointing=True, sequences=PRESET_SEQUENCES),
     "l": DiTConfig(patch_size=(2, 2, 2), hidden_size=1024, depth=24, num_heads=16, text_dim=768,
-                   gradient_checkpointing=True),
+                   gradient_checkpointing=True, sequences=PRESET_SEQUENCES),
 }
 
 

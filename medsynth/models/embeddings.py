@@ -3,8 +3,8 @@
 * :class:`TimestepEmbedder`: sinusoidal features of the diffusion time -> MLP.
 * :func:`sincos_position_embedding_3d`: fixed sin-cos features computed from the token grid on
   every call, so any grid works (non-cubic, and a different size at sampling than in training).
-* :class:`MetadataEmbedder`: modality, body region, voxel spacing and the optional age and sex
-  of a case, as one vector; :func:`encode_metadata` turns the dataset's per-case metadata dicts
+* :class:`MetadataEmbedder`: modality, body region, voxel spacing and the optional age, sex and
+  MR sequence of a case, as one vector; :func:`encode_metadata` turns the dataset's per-case metadata dicts
   into the tensors it reads and refuses values it does not know, naming the valid ones.
 
 Pure torch: no file IO, no printing.
@@ -13,6 +13,7 @@ Pure torch: no file IO, no printing.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +29,17 @@ _SEX_ALIASES: dict[str, str] = {"f": "female", "female": "female", "woman": "fem
                                 "unknown": "unknown", "u": "unknown", "": "unknown"}
 # Ages are divided by this before embedding, so that adult ages land in [0, 1].
 AGE_SCALE_YEARS = 100.0
-METADATA_KEYS: tuple[str, ...] = ("modality", "region", "spacing", "sex", "age", "age_known")
+METADATA_KEYS: tuple[str, ...] = ("modality", "region", "spacing", "sex", "age", "age_known", "sequence")
+# MR sequence names as datasets spell them (nnU-Net channel names, BraTS 2023's t1n/t1c/t2w/t2f,
+# BIDS suffixes) -> the canonical name a DiT's ``sequences`` vocabulary holds. Names not listed
+# are upper-cased, so a vocabulary may hold any other sequence (e.g. "DWI") as it is written.
+SEQUENCE_ALIASES: dict[str, str] = {
+    "t1": "T1", "t1w": "T1", "t1n": "T1", "t1-native": "T1",
+    "t1c": "T1C", "t1ce": "T1C", "t1gd": "T1C", "t1-gd": "T1C", "t1-ce": "T1C", "t1post": "T1C",
+    "t2": "T2", "t2w": "T2",
+    "flair": "FLAIR", "t2-flair": "FLAIR", "t2flair": "FLAIR", "t2f": "FLAIR",
+    "pd": "PD", "pdw": "PD",
+}
 
 
 def sinusoidal_features(values: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -115,17 +126,45 @@ def _spacing(value: Any, case: int) -> list[float]:
     return out
 
 
+def normalise_sequence(value: Any) -> str:
+    """An MR sequence name as written in a dataset (``"t2w"``, ``"T2-FLAIR"``) -> its canonical
+    name (``"T2"``, ``"FLAIR"``); see :data:`SEQUENCE_ALIASES`."""
+    key = re.sub(r"[\s_]+", "-", str(value).strip().lower())
+    return SEQUENCE_ALIASES.get(key, SEQUENCE_ALIASES.get(key.replace("-", ""), str(value).strip().upper()))
+
+
+# longest names first, so "t2-flair" is read as one name and not as "t2" and "flair"
+_SEQUENCE_PATTERN = re.compile(r"(?<![a-z0-9])(" + "|".join(
+    re.escape(k).replace("\\-", "[- ]?") for k in sorted(SEQUENCE_ALIASES, key=len, reverse=True)) + r")(?![a-z0-9])")
+
+
+def sequence_named_in(text: str | None, sequences: Sequence[str]) -> str | None:
+    """The one sequence of ``sequences`` that ``text`` (a prompt) names, else None.
+
+    ``"MR head T2, tumour 30 mm"`` -> ``"T2"``; a prompt naming none, or two different ones
+    (``"T1 and T2"``), gives None: the model's "sequence not given" embedding.
+    """
+    if not text or not sequences:
+        return None
+    known = {normalise_sequence(s) for s in sequences}
+    found = {normalise_sequence(m.group(1)) for m in _SEQUENCE_PATTERN.finditer(text.lower())} & known
+    return found.pop() if len(found) == 1 else None
+
+
 def encode_metadata(records: Sequence[Mapping[str, Any]], modalities: Sequence[str],
-                    regions: Sequence[str]) -> dict[str, Tensor]:
+                    regions: Sequence[str], sequences: Sequence[str] = ()) -> dict[str, Tensor]:
     """Per-case metadata dicts -> the tensors :class:`MetadataEmbedder` reads.
 
     Each record needs ``modality`` (one of ``modalities``, case-insensitive), ``region`` (one of
     ``regions``, case-insensitive) and ``spacing`` (3 mm values); ``sex`` and ``age`` are
-    optional (missing or None means unknown). Other keys are ignored.
+    optional (missing or None means unknown). ``sequence`` (the MR sequence) is optional too
+    and read only when ``sequences`` is given: its name is normalised
+    (:func:`normalise_sequence`) and must then be one of them. Other keys are ignored.
 
     Returns:
         ``{"modality": (B,) long, "region": (B,) long, "spacing": (B, 3) float,
-        "sex": (B,) long (0 = unknown), "age": (B,) float years, "age_known": (B,) bool}``.
+        "sex": (B,) long (0 = unknown), "age": (B,) float years, "age_known": (B,) bool,
+        "sequence": (B,) long (0 = not given, i = sequences[i - 1]; all 0 without sequences)}``.
 
     Raises:
         ConfigError: a missing field or an unknown value, naming the valid values.
@@ -155,6 +194,7 @@ def encode_metadata(records: Sequence[Mapping[str, Any]], modalities: Sequence[s
         out["sex"].append(_normalise_sex(rec.get("sex"), i))
         out["age"].append(0.0 if age is None else float(age))
         out["age_known"].append(age is not None)
+        out["sequence"].append(_sequence_index(rec.get("sequence"), sequences, i))
     return {
         "modality": torch.tensor(out["modality"], dtype=torch.long),
         "region": torch.tensor(out["region"], dtype=torch.long),
@@ -162,7 +202,20 @@ def encode_metadata(records: Sequence[Mapping[str, Any]], modalities: Sequence[s
         "sex": torch.tensor(out["sex"], dtype=torch.long),
         "age": torch.tensor(out["age"], dtype=torch.float32),
         "age_known": torch.tensor(out["age_known"], dtype=torch.bool),
+        "sequence": torch.tensor(out["sequence"], dtype=torch.long),
     }
+
+
+def _sequence_index(value: Any, sequences: Sequence[str], case: int) -> int:
+    """0 for "not given" (or a model without sequences), else 1 + the position in ``sequences``."""
+    if value is None or not sequences or (isinstance(value, str) and not value.strip()):
+        return 0
+    known = [normalise_sequence(s) for s in sequences]
+    name = normalise_sequence(value)
+    if name not in known:
+        raise ConfigError(f"unknown MR sequence {value!r} in metadata of case {case}; valid sequences are "
+                          f"{known} (set DiTConfig.sequences to train on others)")
+    return 1 + known.index(name)
 
 
 class MetadataEmbedder(nn.Module):
@@ -170,10 +223,13 @@ class MetadataEmbedder(nn.Module):
 
     Categorical fields (modality, region, sex incl. "unknown") are looked up; spacing enters as
     log-millimetres (spacings span 0.3-5 mm, and what matters is their ratio); age as
-    ``age / 100`` times a learned direction plus a learned "age unknown" vector.
+    ``age / 100`` times a learned direction plus a learned "age unknown" vector. With
+    ``num_sequences > 0`` the MR sequence is looked up too (row 0, "not given", is a fixed zero
+    vector), so the sequence reaches every block's adaLN directly rather than only through the
+    prompt.
     """
 
-    def __init__(self, hidden_size: int, num_modalities: int, num_regions: int) -> None:
+    def __init__(self, hidden_size: int, num_modalities: int, num_regions: int, num_sequences: int = 0) -> None:
         super().__init__()
         self.modality = nn.Embedding(num_modalities, hidden_size)
         self.region = nn.Embedding(num_regions, hidden_size)
@@ -182,10 +238,17 @@ class MetadataEmbedder(nn.Module):
         self.age = nn.Linear(1, hidden_size)
         self.age_unknown = nn.Parameter(torch.zeros(hidden_size))
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        # Zero-initialised without the global random stream, and row 0 ("not given") stays zero
+        # (padding_idx: no gradient): every other layer is initialised and trained exactly as in a
+        # model without the field, so CT cases (no sequence) train bit for bit as before.
+        self.sequence = (nn.Embedding(num_sequences + 1, hidden_size, padding_idx=0,
+                                      _weight=torch.zeros(num_sequences + 1, hidden_size))
+                         if num_sequences else None)
 
     def forward(self, metadata: Mapping[str, Tensor]) -> Tensor:
         """Tensors from :func:`encode_metadata` (on the model's device) -> ``(B, D)``."""
-        missing = [k for k in METADATA_KEYS if k not in metadata]
+        needed = METADATA_KEYS if self.sequence is not None else tuple(k for k in METADATA_KEYS if k != "sequence")
+        missing = [k for k in needed if k not in metadata]
         if missing:
             raise ConfigError(f"metadata tensors lack {missing}; build them with encode_metadata()")
         dtype = self.spacing.weight.dtype
@@ -194,6 +257,8 @@ class MetadataEmbedder(nn.Module):
         age = torch.where(known, age, self.age_unknown.to(dtype).expand_as(age))
         h = (self.modality(metadata["modality"]) + self.region(metadata["region"])
              + self.sex(metadata["sex"]) + self.spacing(torch.log(metadata["spacing"].to(dtype))) + age)
+        if self.sequence is not None:
+            h = h + self.sequence(metadata["sequence"])
         return self.mlp(h)  # (B, D)
 
 
@@ -245,5 +310,5 @@ class AttributeEmbedder(nn.Module):
         return self.mlp(self.value(values) + self.given(given.to(dtype)))
 
 
-__all__ = ["SEX_VALUES", "METADATA_KEYS", "sinusoidal_features", "sincos_position_embedding_3d",
+__all__ = ["SEX_VALUES", "METADATA_KEYS", "SEQUENCE_ALIASES", "normalise_sequence", "sequence_named_in", "sinusoidal_features", "sincos_position_embedding_3d",
            "TimestepEmbedder", "MetadataEmbedder", "encode_metadata", "encode_attributes", "AttributeEmbedder"]

@@ -51,6 +51,7 @@ from medsynth.data.transforms import IntensityMapping
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import file_sha256
 from medsynth.io.volume import Volume, VolumeMetadata
+from medsynth.models.embeddings import sequence_named_in
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ COMPONENTS: tuple[str, ...] = ("autoencoder", "dit")  # required; controlnet, qu
 QUALITY_FILE = "quality.json"
 # Metadata the DiT is conditioned on (see medsynth.models.embeddings.encode_metadata); anything
 # else would be silently ignored by the model, so it is refused instead.
-METADATA_KEYS: tuple[str, ...] = ("modality", "region", "spacing", "sex", "age")
+METADATA_KEYS: tuple[str, ...] = ("modality", "region", "spacing", "sex", "age", "sequence")
 MAX_BATCH = 64
 
 
@@ -252,9 +253,22 @@ class MedSynthPipeline:
         if given.get("modality") is not None and str(given["modality"]).upper() != self.modality.upper():
             raise ConfigError(f"this pipeline makes {self.modality} volumes (its autoencoder and intensity mapping "
                               f"are {self.modality}), but metadata asks for modality {given['modality']!r}")
+        if given.get("sequence") is not None and not self.dit.config.sequences:
+            raise ConfigError(f"metadata gives sequence {given['sequence']!r}, but this pipeline's DiT was trained "
+                              "without a sequence field (model.sequences is empty); name the sequence in the prompt")
         record = {**self.default_metadata, **{k: v for k, v in given.items() if v is not None}}
         record["modality"] = self.modality
         record["spacing"] = [float(s) for s in spacing]
+        return record
+
+    def prompt_metadata(self, record: Mapping[str, Any], prompt: str | None) -> dict[str, Any]:
+        """``record`` for one prompt: when the DiT has a sequence field and ``record`` gives no
+        sequence, the one the prompt names (``"MR head T2, ..."`` -> T2), if it names exactly one."""
+        record = dict(record)
+        if self.dit.config.sequences and record.get("sequence") is None:
+            named = sequence_named_in(prompt, self.dit.config.sequences)
+            if named is not None:
+                record["sequence"] = named
         return record
 
     # -- sampling ------------------------------------------------------------------------------
@@ -384,8 +398,9 @@ class MedSynthPipeline:
         sched_cfg = dict(self.record["scheduler"])
         steps = int(sched_cfg.get("num_inference_steps", 30)) if num_inference_steps is None else num_inference_steps
         guidance = float(sched_cfg.get("guidance_scale", 1.0)) if guidance_scale is None else float(guidance_scale)
-        record = self.conditioning_metadata(metadata, spacing_)
-        meta = self.dit.encode_metadata([record] * batch)  # ConfigError for unknown values
+        base_record = self.conditioning_metadata(metadata, spacing_)
+        records = [self.prompt_metadata(base_record, p) for p in prompts]
+        meta = self.dit.encode_metadata(records)  # ConfigError for unknown values
 
         padded = self.padded_size(size_)
         if padded != size_:
@@ -427,7 +442,7 @@ class MedSynthPipeline:
         for i in range(batch):
             extra = {"generator": "medsynth.MedSynthPipeline", "prompt": prompts[i],
                      "pipeline_hash": self.pipeline_hash, "num_inference_steps": steps,
-                     "guidance_scale": guidance, "metadata": record}
+                     "guidance_scale": guidance, "metadata": records[i]}
             if masks is not None:
                 extra.update(conditioned_on_mask=True, mask_guidance_scale=mask_guidance)
             out.append(Volume(physical[i], affine.copy(), "image",

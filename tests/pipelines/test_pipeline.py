@@ -135,6 +135,29 @@ def test_bad_inputs_are_clear_errors(pipe, pipe_dir):
             MedSynthPipeline.from_pretrained(pipe_dir, device="cuda")
 
 
+def test_mr_sequence_comes_from_metadata_or_the_prompt(pipe_dir):
+    from medsynth.models.dit import DiT3D, DiTConfig
+
+    pipe = MedSynthPipeline.from_pretrained(pipe_dir, device="cpu")  # its own copy: the DiT is swapped below
+    with pytest.raises(ConfigError, match="without a sequence field"):
+        pipe("CT abdomen", num_inference_steps=1, metadata={"sequence": "T2"})
+    # the same DiT with a sequence field whose rows are not zero
+    dit = DiT3D(DiTConfig.from_dict({**pipe.dit.config.to_dict(), "sequences": ["T1", "T2", "FLAIR"]}))
+    dit.load_state_dict(pipe.dit.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.nn.init.normal_(dit.conditions.metadata.sequence.weight[1:], std=1.0)
+    pipe.dit = dit.eval()
+    g = lambda: [torch.Generator().manual_seed(0) for _ in range(4)]  # noqa: E731
+    prompts = ["CT abdomen T2-FLAIR", "CT abdomen", "CT abdomen t2w", "CT abdomen T1 or T2"]
+    named = pipe(prompts, num_inference_steps=2, generator=g())
+    assert [v.metadata.extra["metadata"].get("sequence") for v in named] == ["FLAIR", None, "T2", None]
+    given = pipe(prompts, num_inference_steps=2, generator=g(), metadata={"sequence": "T1"})  # given wins
+    assert [v.metadata.extra["metadata"]["sequence"] for v in given] == ["T1"] * 4
+    assert not np.allclose(named[0].array, given[0].array, atol=1.0)  # the field steers the (random) model
+    with pytest.raises(ConfigError, match="unknown MR sequence 'DWI'"):
+        pipe("CT abdomen", num_inference_steps=1, metadata={"sequence": "DWI"})
+
+
 def test_hash_mismatch_and_missing_component(pipe_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(pipe_dir, bad)
