@@ -22,10 +22,9 @@ MODEL = {"in_channels": 4, "patch_size": [1, 1, 1], "hidden_size": 32, "depth": 
 TEXT = {"kind": "vocab", "dim": 32, "depth": 1, "num_heads": 4, "max_length": 24}
 
 
-@pytest.fixture()
-def cache(tmp_path):
-    """A latent cache in the layout of medsynth.pipelines.latent_cache (3 train cases, 1 test case)."""
-    root = tmp_path / "cache"
+def write_cache(root, mr_sequence: str | None = None):
+    """A latent cache in the layout of medsynth.pipelines.latent_cache (3 train cases, 1 test case);
+    the MR case's metadata names ``mr_sequence`` when given."""
     (root / "latents").mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
     for i, prompt in enumerate(PROMPTS + ["held out"]):
@@ -33,10 +32,17 @@ def cache(tmp_path):
         meta = {"case_id": f"c{i}", "split": "test" if i == 3 else "train", "prompt": prompt,
                 "metadata": {"modality": modality, "region": region, "sex": "female", "age": 40 + i},
                 "spacing": [1.0, 1.0, 1.5], "modality": modality}
+        if modality == "MR" and mr_sequence:
+            meta["metadata"]["sequence"] = mr_sequence
         save_tensors(root / "latents" / f"c{i}.safetensors",
                      {"latent": 2 * torch.randn(4, 5, 4, 6, generator=gen)}, meta)
     (root / "stats.json").write_text(json.dumps({"scale_factor": 0.5}))
     return root
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    return write_cache(tmp_path / "cache")
 
 
 def test_dataset_reads_train_split_scaled_and_crops(cache):
@@ -98,6 +104,30 @@ def test_fit_dit_end_to_end_then_sample(cache, tmp_path):
         fit_dit(cache, tmp_path / "bad", bad, accelerator="cpu", max_steps=1)
     with pytest.raises(ConfigError, match=r"unknown section\(s\) \['trainig'\]"):
         fit_dit(cache, tmp_path / "bad", {"trainig": {}}, accelerator="cpu")
+
+
+def test_the_sequence_field_changes_nothing_without_sequences_and_trains_with_them(cache, tmp_path):
+    config = {"model": MODEL, "text_encoder": TEXT, "objective": {"name": "rectified_flow"},
+              "sampling": {"num_inference_steps": 2}, "training": {"batch_size": 2, "crop": [4, 4, 4],
+                                                                   "metadata_drop_rate": 0.5}}
+    with_field = {**config, "model": {**MODEL, "sequences": ["T1", "T2", "FLAIR"]}}
+    plain, _, _ = load_dit(fit_dit(cache, tmp_path / "plain", config, accelerator="cpu", max_steps=4))
+    same, _, _ = load_dit(fit_dit(cache, tmp_path / "field", with_field, accelerator="cpu", max_steps=4))
+    weights = same.state_dict()
+    # no case names a sequence: every shared weight ends bit for bit where the plain model's does
+    assert set(weights) - set(plain.state_dict()) == {"conditions.metadata.sequence.weight"}
+    assert all(torch.equal(v, weights[k]) for k, v in plain.state_dict().items())
+    assert torch.all(weights["conditions.metadata.sequence.weight"] == 0)
+    named = write_cache(tmp_path / "named", mr_sequence="t2w")  # a dataset spelling of T2
+    # adaLN-Zero: no gradient reaches the metadata before the gates open, so a few more steps
+    often = {**with_field, "training": {**with_field["training"], "metadata_drop_rate": 0.1}}
+    trained, _, _ = load_dit(fit_dit(named, tmp_path / "named_run", often, accelerator="cpu", max_steps=10))
+    rows = trained.conditions.metadata.sequence.weight
+    assert torch.all(rows[0] == 0) and rows[2].abs().sum() > 0  # "not given" stays zero; T2 learnt
+    assert torch.all(rows[[1, 3]] == 0)  # sequences no case has are untouched
+    with pytest.raises(ConfigError, match=r"case 'c2'.*unknown MR sequence 'DWI'"):
+        fit_dit(write_cache(tmp_path / "dwi", mr_sequence="DWI"), tmp_path / "bad", with_field, accelerator="cpu",
+                max_steps=1)
 
 
 def test_frozen_hf_encoder_path_trains_and_exports_by_reference(cache, tmp_path):
