@@ -124,6 +124,12 @@ def fisher_p(a_hits: int, a_n: int, b_hits: int, b_n: int) -> float:
     return float(fisher_exact([[a_hits, a_n - a_hits], [b_hits, b_n - b_hits]])[1])
 
 
+def spread(volumes: list[np.ndarray]) -> float:
+    """How much a set of volumes differs: the voxel-wise standard deviation across them, averaged
+    over the volume (model range). Samples of one prompt that all look alike score near 0."""
+    return round(float(np.std(np.stack(volumes), axis=0).mean()), 4)
+
+
 def sweep_row(guidance: float, rows: dict) -> dict:
     """Both prompts' lesion counts at one guidance scale, by both judges, with the Fisher p of each."""
     a, b = rows["lesion_prompt"], rows["no_lesion_prompt"]
@@ -132,6 +138,7 @@ def sweep_row(guidance: float, rows: dict) -> dict:
             "spot": [a["with_spot"], b["with_spot"]],
             "fisher_p": round(fisher_p(a["with_lesion"], a["samples"], b["with_lesion"], b["samples"]), 5),
             "fisher_p_spot": round(fisher_p(a["with_spot"], a["samples"], b["with_spot"], b["samples"]), 5),
+            "spread": [a["spread"], b["spread"]],
             "median_spot_score": [None if any(v is None for v in r["spot_scores"])
                                   else round(float(np.median(r["spot_scores"])), 4) for r in (a, b)]}
 
@@ -174,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
-    parser.add_argument("--num", type=int, default=48, help="CT phantoms (about 30%% of them are held out)")
+    parser.add_argument("--num", type=int, default=48,
+                        help="CT phantoms (about 30%% of them are held out); above 96, results get an _nNUM suffix")
     parser.add_argument("--size", type=int, default=32,
                         help="phantom edge in voxels, a multiple of 32 (default 32); at 64 the autoencoder trains on "
                              "32^3 crops and the DiT uses patch 2, so the training cost per step is unchanged")
@@ -216,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             + ("_scanner_noise" if args.noise == "scanner" else "")
             + (f"_f{args.latent_factor}" if args.latent_factor != 4 else "")
             + (f"_dw{args.dit_region_weight:g}" if args.dit_region_weight != 1 else "")
-            + (f"_dit{args.dit_steps}" if args.dit_steps != DEFAULT_DIT_STEPS else ""))
+            + (f"_dit{args.dit_steps}" if args.dit_steps != DEFAULT_DIT_STEPS else "")
+            + (f"_n{args.num}" if args.num > 96 else ""))
     if args.dit_region_weight < 1:
         parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
     if any(g < 1 for g in args.guidance):
@@ -304,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 found = [s["detected"] for s in spots]
                 sweep[guidance][key] = {
                     "prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
+                    "spread": spread(volumes),
                     "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
                     "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
                     "volumes": volumes, "masks": masks}
@@ -329,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "judge_on_real_held_out": {k: {"fired": f, "spot": c, "cases": n} for k, (f, c, n) in judge_rows.items()},
         "spot_rule": rule.to_dict() if rule is not None else {"skipped": spot_skipped},
         "lesion_contrast_held_out": contrast,
+        "real_spread": {"held_out": spread([images[i] for i in held][:args.samples]),
+                        "cases": len(held[:args.samples])},
         "rows": {k: {kk: vv for kk, vv in v.items() if kk not in ("volumes", "masks")} for k, v in rows.items()},
         "fisher_p": round(fisher_p(lesion_row["with_lesion"], lesion_row["samples"], none_row["with_lesion"],
                                    none_row["samples"]), 5),
@@ -352,13 +364,19 @@ def sweep_lines(r: dict) -> list[str]:
         return []
     lines = ["Guidance sweep (the same DiT and seeds; samples with a lesion, lesion prompt / no-lesion prompt):", "",
              "| guidance | segmenter | p | spot rule | p | median spot score (threshold "
-             f"{r['spot_rule'].get('threshold', float('nan')):.3f}) |", "|---|---|---|---|---|---|"]
+             f"{r['spot_rule'].get('threshold', float('nan')):.3f}) | spread between samples |",
+             "|---|---|---|---|---|---|---|"]
     for row in sweep:
         seg, spot, med = row["segmenter"], row["spot"], row["median_spot_score"]
+        gap = row.get("spread", ["-", "-"])
         lines.append(f"| {row['guidance']:g} | {seg[0]}/{row['samples']} vs {seg[1]}/{row['samples']} | "
                      f"{row['fisher_p']} | {spot[0]}/{row['samples']} vs {spot[1]}/{row['samples']} | "
-                     f"{row['fisher_p_spot']} | {med[0]} vs {med[1]} |")
-    return lines + [""]
+                     f"{row['fisher_p_spot']} | {med[0]} vs {med[1]} | {gap[0]} vs {gap[1]} |")
+    real = r.get("real_spread", {})
+    return lines + (["", "Spread between samples: the voxel-wise standard deviation across one prompt's samples, "
+                     f"averaged over the volume (model range); between {real['cases']} held-out real phantoms it is "
+                     f"{real['held_out']}. Samples that all look alike (one body, one spot) score far below it."]
+                    if real else []) + [""]
 
 
 def render(r: dict, figure_path: Path) -> str:

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--out",
-                           str(tmp_path), "--dit-region-weight", "20"], capture_output=True, text=True, timeout=600)
+                           str(tmp_path), "--dit-region-weight", "20", "--guidance", "3", "1"], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the DiT trained with loss weight 20 inside the lesions: its cache carried the label maps
     result = json.loads((tmp_path / "lesion_prompt_cpu_dw20.json").read_text())
@@ -36,6 +37,13 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     page = (tmp_path / "lesion_prompt_cpu_dw20.md").read_text()
     assert "| `CT abdomen portal venous, liver lesion" in page and "loss weight 20 inside liver lesions" in page
     assert "Spot rule: not fit (" in page
+    # two guidance scales from the same DiT and seeds: the first is the headline, both are tabulated
+    sweep = result["guidance_sweep"]
+    assert [row["guidance"] for row in sweep] == [3.0, 1.0] and result["settings"]["guidance"] == 3.0
+    assert sweep[0]["segmenter"] == [rows["lesion_prompt"]["with_lesion"], rows["no_lesion_prompt"]["with_lesion"]]
+    assert all(len(row["spread"]) == 2 and all(v > 0 for v in row["spread"]) for row in sweep)
+    assert result["real_spread"]["held_out"] > 0 and result["real_spread"]["cases"] == 2
+    assert "| 1 | " in page and "Spread between samples" in page
 
 
 def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp_path) -> None:
@@ -60,3 +68,6 @@ def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp
                            "--dit-region-weight", "0.5", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "--dit-region-weight must be >= 1" in proc.stderr and not any(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick",
+                           "--guidance", "3", "0.5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--guidance must be >= 1" in proc.stderr and not any(tmp_path.iterdir())
