@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the judge on N fresh real phantoms as well (made and prepared with the demo's own "
                              "phantom settings and another seed, so none is a held-out case): more real data for a "
                              "judge that overfits the training split (0: the training split only)")
+    parser.add_argument("--judge-lr-schedule", choices=("constant", "poly"), default="constant",
+                        help="the judge's learning rate: constant 1e-2 (default; the earlier pages) or nnU-Net's "
+                             "polynomial decay to 0 over --judge-steps")
     parser.add_argument("--judge-steps", type=int, default=2000,
                         help="train the judge (SegResNet) this long on the real training split; 0: use the "
                              "pipeline's own quality-gate segmenter (the demo trains it briefly)")
@@ -453,10 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     trained_on = {"data": str((args.demo / "prepared").resolve()), "split": "train", "steps": args.judge_steps}
     if args.judge_phantoms:
         trained_on["fresh_phantoms"] = args.judge_phantoms
+    if args.judge_lr_schedule != "constant":
+        trained_on["lr_schedule"] = args.judge_lr_schedule
     if args.judge_phantoms < 0 or (args.judge_phantoms and args.judge_steps <= 0):
         sys.exit(f"--judge-phantoms needs a count >= 0 and a judge to train (--judge-steps > 0), got "
                  f"--judge-phantoms {args.judge_phantoms} --judge-steps {args.judge_steps}")
     trained_on_words = "real train split" + (f" + {args.judge_phantoms} fresh real phantoms" if args.judge_phantoms else "")
+    schedule_words = "constant learning rate" if args.judge_lr_schedule == "constant" else "learning rate decayed (poly)"
     if args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
         from medsynth.training.segmentation import load_agreement_segmenter
 
@@ -467,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                      "give another folder")
         segmenter = load_agreement_segmenter(args.judge_dir)
         judge = {"kind": "segresnet", "steps": segmenter.steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
+                 "lr_schedule": schedule_words,
                  "loaded_from": str(args.judge_dir)}
     elif args.judge_steps > 0:
         from medsynth.data.transforms import IntensityMapping
@@ -478,8 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.judge_phantoms:
             pairs += fresh_phantom_pairs(args.demo, args.judge_phantoms)
         segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(pipe.record["intensity"]),
-                                            args.judge_steps, patch=32, seed=0, accelerator="cpu")
+                                            args.judge_steps, patch=32, seed=0, accelerator="cpu",
+                                            lr_schedule=args.judge_lr_schedule)
         judge = {"kind": "segresnet", "steps": args.judge_steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
+                 "lr_schedule": schedule_words,
                  "training_cases": len(pairs)}
         if args.judge_dir is not None:
             from medsynth.training.segmentation import save_agreement_segmenter
@@ -549,7 +558,8 @@ def render(r: dict, figure: Path) -> str:
              f"Command: `{r['command']}` on a finished `medsynth demo --modality {r['modality']}` folder. "
              f"Machine: {r['machine']}. Judge: "
              f"a SegResNet trained {r['segmenter'].get('steps')} steps on the demo's "
-             f"{r['segmenter'].get('trained_on', 'real train split').replace('real train split', 'real training split')}; "
+             f"{r['segmenter'].get('trained_on', 'real train split').replace('real train split', 'real training split')}"
+             f"{', ' + r['segmenter']['lr_schedule'] if 'lr_schedule' in r['segmenter'] else ''}; "
              "its Dice on real held-out phantoms is the ceiling below. "
              f"{r['steps']} sampling steps. Tiny models trained for minutes on a CPU: these numbers show "
              "what the demo reaches, not what trained models reach.", "",

@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from medsynth.errors import ConfigError
 
 NETWORKS: tuple[str, ...] = ("segresnet", "unet", "swinunetr")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
+# nnU-Net's polynomial decay: lr * (1 - step / steps) ** 0.9
+POLY_EXPONENT = 0.9
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class SegmenterConfig:
             three on foreground). 0 (default) keeps uniform random crops, the benchmark's
             protocol. Matters only when the volume is larger than the patch: a lesion that fills
             0.1 % of a 64^3 volume is in few 32^3 random crops.
+        lr_schedule: "constant" (default, the benchmark's protocol) or "poly", nnU-Net's decay
+            ``lr * (1 - step / steps) ** 0.9`` to 0 at the last step. At a high constant rate the
+            weights of the last step are one noisy point of the trajectory, so a longer run can
+            end worse than a shorter one; the decay lets it settle.
     """
 
     network: str = "segresnet"
@@ -64,6 +71,7 @@ class SegmenterConfig:
     devices: int | str = "auto"
     precision: str = "32-true"
     foreground_oversampling: float = 0.0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.network not in NETWORKS:
@@ -81,6 +89,8 @@ class SegmenterConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.foreground_oversampling <= 1.0:
             raise ConfigError(f"foreground_oversampling must be between 0 and 1 (a share of patches), "
                               f"got {self.foreground_oversampling}")
@@ -186,9 +196,11 @@ class PatchDataset(Dataset):
 
 
 class SegmentationModule(L.LightningModule):
-    """A MONAI network trained with Dice + cross-entropy (MONAI ``DiceCELoss``) and AdamW."""
+    """A MONAI network trained with Dice + cross-entropy (MONAI ``DiceCELoss``) and AdamW, at a
+    constant rate or with nnU-Net's polynomial decay over ``total_steps`` (``lr_schedule="poly"``)."""
 
-    def __init__(self, network: str, num_classes: int, lr: float) -> None:
+    def __init__(self, network: str, num_classes: int, lr: float, lr_schedule: str = "constant",
+                 total_steps: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_network(network, num_classes)
@@ -205,8 +217,18 @@ class SegmentationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=False, batch_size=batch["image"].shape[0])
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-5)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-5)
+        schedule = self.hparams.get("lr_schedule", "constant")
+        if schedule == "constant":
+            return optimizer
+        if schedule != "poly" or not self.hparams.get("total_steps"):
+            raise ConfigError(f"lr_schedule {schedule!r} needs to be 'poly' with total_steps >= 1 "
+                              f"(got total_steps={self.hparams.get('total_steps')!r}), or 'constant'")
+        total = int(self.hparams.total_steps)
+        decay = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1.0 - min(step, total) / total) ** POLY_EXPONENT)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
 
 def train_segmenter(cases: Sequence[SegCase], num_classes: int, config: SegmenterConfig, seed: int) -> SegmentationModule:
@@ -222,7 +244,7 @@ def train_segmenter(cases: Sequence[SegCase], num_classes: int, config: Segmente
         The trained module in eval mode (on the CPU when training used another device).
     """
     L.seed_everything(seed, workers=True, verbose=False)
-    module = SegmentationModule(config.network, num_classes, config.lr)
+    module = SegmentationModule(config.network, num_classes, config.lr, config.lr_schedule, config.steps)
     data = PatchDataset(cases, config.patch, config.steps * config.batch_size, seed,
                         config.foreground_oversampling, num_classes)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=0, drop_last=True)
@@ -301,7 +323,7 @@ class TrainedSegmenter:
 def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labels: dict[str, int],
                             intensity: Any, steps: int, patch: int = 32, seed: int = 0,
                             accelerator: str = "auto", lr: float = AGREEMENT_LR,
-                            foreground_oversampling: float = 0.0) -> TrainedSegmenter:
+                            foreground_oversampling: float = 0.0, lr_schedule: str = "constant") -> TrainedSegmenter:
     """Train the quality checks' segmenter on real ``(image, label)`` training pairs.
 
     Args:
@@ -313,6 +335,7 @@ def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labe
         lr: AdamW learning rate; see :data:`AGREEMENT_LR`.
         foreground_oversampling: share of patches centred on foreground (see
             :class:`SegmenterConfig`); for volumes larger than ``patch`` with rare classes.
+        lr_schedule: "constant" or "poly" (see :class:`SegmenterConfig`).
 
     Raises:
         ConfigError: no cases, bad budget.
@@ -320,7 +343,7 @@ def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labe
     if not cases:
         raise ConfigError("the agreement segmenter needs labelled real training cases; none were given")
     config = SegmenterConfig(network="segresnet", patch=patch, steps=steps, accelerator=accelerator, devices=1,
-                             lr=lr, foreground_oversampling=foreground_oversampling)
+                             lr=lr, foreground_oversampling=foreground_oversampling, lr_schedule=lr_schedule)
     seg_cases = [SegCase(f"case_{i}", "real", np.asarray(img, np.float32), np.asarray(lab, np.int64), (1.0, 1.0, 1.0))
                  for i, (img, lab) in enumerate(cases)]
     num_classes = max(int(v) for v in labels.values()) + 1

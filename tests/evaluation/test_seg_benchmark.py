@@ -214,3 +214,35 @@ def test_foreground_oversampling_centres_patches_on_rare_classes() -> None:
     assert all(not empty[i]["label"].any() for i in range(4))
     with pytest.raises(ConfigError, match="num_classes >= 2"):
         PatchDataset(cases, 16, 4, seed=0, foreground_oversampling=0.5)
+
+
+def test_poly_schedule_decays_the_rate_to_zero_over_the_budget() -> None:
+    from medsynth.training.segmentation import SegmentationModule, train_segmenter
+
+    with pytest.raises(ConfigError, match=r"lr_schedule must be one of \['constant', 'poly'\]"):
+        SegmenterConfig(lr_schedule="cosine")
+    constant = SegmentationModule("segresnet", 3, 0.01).configure_optimizers()
+    assert isinstance(constant, torch.optim.AdamW)
+    poly = SegmentationModule("segresnet", 3, 0.01, "poly", 10).configure_optimizers()
+    optimizer, decay = poly["optimizer"], poly["lr_scheduler"]["scheduler"]
+    assert poly["lr_scheduler"]["interval"] == "step" and optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    rates = []
+    for _ in range(10):
+        optimizer.step()
+        decay.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[4] == pytest.approx(0.01 * 0.5 ** 0.9) and rates[-1] == 0.0
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ConfigError, match="total_steps"):
+        SegmentationModule("segresnet", 3, 0.01, "poly").configure_optimizers()
+    # a poly run trains for exactly its budget (train_segmenter refuses a shorter run) and records its schedule
+    from medsynth.training.segmentation import SegCase
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((16, 16, 16), np.int64)
+    label[4:12, 4:12, 4:12] = 1
+    cases = [SegCase("c0", "real", (label + 0.1 * rng.standard_normal(label.shape)).astype(np.float32), label,
+                     (1.0, 1.0, 1.0))]
+    config = SegmenterConfig(patch=16, steps=6, lr=0.01, accelerator="cpu", devices=1, lr_schedule="poly")
+    module = train_segmenter(cases, 2, config, seed=0)
+    assert module.hparams.lr_schedule == "poly" and module.hparams.total_steps == 6
