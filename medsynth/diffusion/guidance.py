@@ -65,8 +65,8 @@ def sample_condition_dropout(batch_size: int, text_drop_rate: float, metadata_dr
 def forget_sequence(metadata: dict[str, Tensor], rate: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Metadata tensors with the MR sequence set to "not given" (0) for a random share of samples.
 
-    A dataset whose cases all name their sequence would otherwise never train the "not given"
-    embedding that a prompt without a sequence samples with. Draws nothing when no sample
+    A dataset whose cases all name their sequence would otherwise never show the model the
+    "not given" (zero) sequence vector that a prompt naming no sequence samples with. Draws nothing when no sample
     has a sequence (CT batches), so their training is unchanged.
 
     Args:

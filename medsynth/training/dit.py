@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from medsynth.diffusion import (bucket_losses, check_region_weighting, make_objective, region_label_values,
-                                region_weights, sample_condition_dropout, forget_sequence)
+                                region_weights, forget_sequence, sample_condition_dropout)
 from medsynth.diffusion.schedulers import check_objective
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, load_tensors, read_export,
@@ -300,7 +300,7 @@ class DiTModule(L.LightningModule):
         x0 = batch["latent"]  # (B, C, x, y, z), already scaled
         b = x0.shape[0]
         text = self.encode_text(batch["prompt"])
-        # a share of MR cases also train the "sequence not given" embedding
+        # a share of MR cases train the model on "sequence not given" (a prompt that names none)
         metadata = forget_sequence(self.model.encode_metadata(batch["metadata"]), self.cfg.metadata_drop_rate)
         drop_text, drop_metadata = sample_condition_dropout(b, self.cfg.text_drop_rate, self.cfg.metadata_drop_rate,
                                                             device=self.device)
