@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                              "pipelines are scored by one judge")
     parser.add_argument("--judge-phantoms", type=int, default=0, metavar="N",
                         help="train the judge on N fresh real phantoms as well (made and prepared with the demo's own "
-                             "phantom settings and another seed, so none is a held-out case): more real data for a "
-                             "judge that overfits the training split (0: the training split only)")
+                             "phantom settings and another seed, so none is a held-out case): more real data for the "
+                             "judge (0: the training split only)")
     parser.add_argument("--judge-lr-schedule", choices=("constant", "poly"), default="constant",
                         help="the judge's learning rate: constant 1e-2 (default; the earlier pages) or nnU-Net's "
                              "polynomial decay to 0 over --judge-steps")
