@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from medsynth.diffusion import (bucket_losses, check_region_weighting, make_objective, region_label_values,
-                                region_weights, forget_sequence, sample_condition_dropout)
+from medsynth.diffusion import (bucket_losses, check_region_weighting, forget_sequence, make_objective,
+                                region_label_values, region_weights, sample_condition_dropout)
 from medsynth.diffusion.schedulers import check_objective
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, load_tensors, read_export,
