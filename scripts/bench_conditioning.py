@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge-lr-schedule", choices=("constant", "poly"), default="constant",
                         help="the judge's learning rate: constant 1e-2 (default; the earlier pages) or nnU-Net's "
                              "polynomial decay to 0 over --judge-steps")
+    parser.add_argument("--judge-augmentation", choices=("none", "standard"), default="none",
+                        help="augment the judge's training patches (standard: rotation, scaling, blur, noise, "
+                             "brightness, contrast, gamma; no mirroring) or not (default none; the earlier pages)")
     parser.add_argument("--judge-steps", type=int, default=2000,
                         help="train the judge (SegResNet) this long on the real training split; 0: use the "
                              "pipeline's own quality-gate segmenter (the demo trains it briefly)")
@@ -458,11 +461,15 @@ def main(argv: list[str] | None = None) -> int:
         trained_on["fresh_phantoms"] = args.judge_phantoms
     if args.judge_lr_schedule != "constant":
         trained_on["lr_schedule"] = args.judge_lr_schedule
+    if args.judge_augmentation != "none":
+        trained_on["augmentation"] = args.judge_augmentation
     if args.judge_phantoms < 0 or (args.judge_phantoms and args.judge_steps <= 0):
         sys.exit(f"--judge-phantoms needs a count >= 0 and a judge to train (--judge-steps > 0), got "
                  f"--judge-phantoms {args.judge_phantoms} --judge-steps {args.judge_steps}")
     trained_on_words = "real train split" + (f" + {args.judge_phantoms} fresh real phantoms" if args.judge_phantoms else "")
     schedule_words = "constant learning rate" if args.judge_lr_schedule == "constant" else "learning rate decayed (poly)"
+    if args.judge_augmentation != "none":
+        schedule_words += f", {args.judge_augmentation} augmentation"
     if args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
         from medsynth.training.segmentation import load_agreement_segmenter
 
@@ -486,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             pairs += fresh_phantom_pairs(args.demo, args.judge_phantoms)
         segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(pipe.record["intensity"]),
                                             args.judge_steps, patch=32, seed=0, accelerator="cpu",
-                                            lr_schedule=args.judge_lr_schedule)
+                                            lr_schedule=args.judge_lr_schedule,
+                                            augmentation=args.judge_augmentation)
         judge = {"kind": "segresnet", "steps": args.judge_steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
                  "lr_schedule": schedule_words,
                  "training_cases": len(pairs)}

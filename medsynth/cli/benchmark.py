@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch", type=int, default=32, help="cubic patch edge in voxels (default 32; 96-128 on GPUs)")
     p.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr-schedule", choices=("constant", "poly"), default="constant",
+                   help="constant learning rate (default) or nnU-Net's polynomial decay to 0 over --steps")
+    p.add_argument("--augmentation", choices=("none", "standard"), default="none",
+                   help="augment training patches: none (default) or standard (rotation, scaling, blur, noise, "
+                        "brightness, contrast, gamma; no mirroring, left and right organs are separate classes)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default auto)")
     p.add_argument("--devices", type=_devices, default="auto", help="Lightning devices: auto, 1, 2, ... (default auto)")
     p.add_argument("--precision", default="32-true", help="Lightning precision (default 32-true; bf16-mixed on GPUs)")
@@ -62,7 +67,8 @@ def run_seg(args: argparse.Namespace) -> int:
     if args.bootstrap < 10:
         raise ConfigError(f"--bootstrap must be >= 10, got {args.bootstrap}")
     config = SegmenterConfig(network=args.network, patch=args.patch, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, accelerator=args.accelerator, devices=args.devices, precision=args.precision)
+                             lr=args.lr, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
+                             lr_schedule=args.lr_schedule, augmentation=args.augmentation)
     # Read (and check) both folders before any training, so bad input fails in seconds.
     real, synthetic = read_dataset(args.real), read_dataset(args.synthetic)
     report = run_benchmark(real, synthetic, config, ratios=args.ratios, seeds=args.seeds, bootstrap=args.bootstrap,

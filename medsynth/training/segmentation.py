@@ -25,7 +25,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import SegResNet, SwinUNETR, UNet
-from monai.transforms import ClassesToIndicesd, Compose, RandCropByLabelClassesd, RandSpatialCropd, SpatialPadd
+from monai.transforms import (ClassesToIndicesd, Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd,
+                              RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd,
+                              RandSpatialCropd, SpatialPadd)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,6 +35,7 @@ from medsynth.errors import ConfigError
 
 NETWORKS: tuple[str, ...] = ("segresnet", "unet", "swinunetr")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "poly")
+AUGMENTATIONS: tuple[str, ...] = ("none", "standard")
 # nnU-Net's polynomial decay: lr * (1 - step / steps) ** 0.9
 POLY_EXPONENT = 0.9
 
@@ -60,6 +63,12 @@ class SegmenterConfig:
             ``lr * (1 - step / steps) ** 0.9`` to 0 at the last step. At a high constant rate the
             weights of the last step are one noisy point of the trajectory, so a longer run can
             end worse than a shorter one; the decay lets it settle.
+        augmentation: "none" (default, the benchmark's protocol) or "standard": each patch is
+            randomly rotated (up to 15 degrees per axis), scaled (+/- 15 %), blurred, given noise,
+            and changed in brightness, contrast and gamma (:func:`standard_augmentation`). No
+            flips: left and right organs are separate classes. Without it, a 32^3 SegResNet
+            trained 8000 steps on the 112 training phantoms of a 160-case CT demo scores its
+            training cases 0.95-0.97 and held-out ones 0.71-0.87 (spleen lowest).
     """
 
     network: str = "segresnet"
@@ -72,6 +81,7 @@ class SegmenterConfig:
     precision: str = "32-true"
     foreground_oversampling: float = 0.0
     lr_schedule: str = "constant"
+    augmentation: str = "none"
 
     def __post_init__(self) -> None:
         if self.network not in NETWORKS:
@@ -91,6 +101,8 @@ class SegmenterConfig:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"augmentation must be one of {list(AUGMENTATIONS)}, got {self.augmentation!r}")
         if not 0.0 <= self.foreground_oversampling <= 1.0:
             raise ConfigError(f"foreground_oversampling must be between 0 and 1 (a share of patches), "
                               f"got {self.foreground_oversampling}")
@@ -136,6 +148,29 @@ class SegCase:
     spacing: tuple[float, float, float]
 
 
+def standard_augmentation(seed: int) -> Compose:
+    """nnU-Net-like patch augmentation without mirroring, seeded by ``seed``.
+
+    Works on a dict with ``image`` ``(1, P, P, P)`` in the model range (about ``[-1, 1]``) and
+    ``label`` ``(1, P, P, P)``; the label is resampled nearest, so it stays a label map. The
+    probabilities and ranges follow nnU-Net's defaults, scaled to the model range (noise sd 0.02
+    is 20 HU under the CT window), with no mirroring because left and right organs are separate
+    classes and no elastic deformation, which costs more than the step itself on a CPU.
+    """
+    keys = ("image", "label")
+    transforms = Compose([
+        RandAffined(keys=keys, prob=0.3, rotate_range=(np.pi / 12,) * 3, scale_range=(0.15,) * 3,
+                    mode=("bilinear", "nearest"), padding_mode="border"),
+        RandGaussianNoised(keys="image", prob=0.15, mean=0.0, std=0.02),
+        RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd(keys="image", factors=0.15, prob=0.15),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.15),
+        RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.15),
+    ])
+    transforms.set_random_state(seed=seed)
+    return transforms
+
+
 class PatchDataset(Dataset):
     """``steps * batch_size`` random patches from uniformly drawn cases.
 
@@ -145,16 +180,20 @@ class PatchDataset(Dataset):
     With ``foreground_oversampling`` f > 0, a share f of the patches is centred on a voxel of a
     foreground class chosen uniformly among those present in the case (MONAI
     ``RandCropByLabelClassesd``; ``num_classes`` classes, background never chosen); cases without
-    foreground fall back to a random crop.
+    foreground fall back to a random crop. With ``augmentation="standard"`` each patch is then
+    augmented (:func:`standard_augmentation`, its own random stream, so the crops stay the same).
     """
 
     def __init__(self, cases: Sequence[SegCase], patch: int, length: int, seed: int,
-                 foreground_oversampling: float = 0.0, num_classes: int | None = None) -> None:
+                 foreground_oversampling: float = 0.0, num_classes: int | None = None,
+                 augmentation: str = "none") -> None:
         if not cases:
             raise ConfigError("a training condition has no cases")
         if foreground_oversampling > 0 and (num_classes is None or num_classes < 2):
             raise ConfigError(f"foreground oversampling needs num_classes >= 2 (background + one class), "
                               f"got {num_classes}")
+        if augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"augmentation must be one of {list(AUGMENTATIONS)}, got {augmentation!r}")
         self.cases = list(cases)
         self.length = int(length)
         rng = np.random.default_rng(seed)
@@ -177,6 +216,7 @@ class PatchDataset(Dataset):
                                                       ratios=[0] + [1] * (num_classes - 1), num_classes=num_classes,
                                                       num_samples=1, indices_key="label_cls_indices", warn=False)
             self.class_crop.set_random_state(seed=seed + 1)
+        self.augment = standard_augmentation(seed + 2) if augmentation == "standard" else None
 
     def __len__(self) -> int:
         return self.length
@@ -192,6 +232,8 @@ class PatchDataset(Dataset):
             item = self.class_crop({**item, "label_cls_indices": self.class_indices[case_index]})[0]
         else:
             item = self.random_crop(item)
+        if self.augment is not None:
+            item = self.augment({"image": item["image"], "label": item["label"]})
         return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long()}
 
 
@@ -246,7 +288,7 @@ def train_segmenter(cases: Sequence[SegCase], num_classes: int, config: Segmente
     L.seed_everything(seed, workers=True, verbose=False)
     module = SegmentationModule(config.network, num_classes, config.lr, config.lr_schedule, config.steps)
     data = PatchDataset(cases, config.patch, config.steps * config.batch_size, seed,
-                        config.foreground_oversampling, num_classes)
+                        config.foreground_oversampling, num_classes, config.augmentation)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False, num_workers=0, drop_last=True)
     # One Trainer per condition and seed: its start-up banner (devices, tips) would repeat
     # dozens of times, so Lightning's info lines are muted for the run.
@@ -323,7 +365,8 @@ class TrainedSegmenter:
 def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labels: dict[str, int],
                             intensity: Any, steps: int, patch: int = 32, seed: int = 0,
                             accelerator: str = "auto", lr: float = AGREEMENT_LR,
-                            foreground_oversampling: float = 0.0, lr_schedule: str = "constant") -> TrainedSegmenter:
+                            foreground_oversampling: float = 0.0, lr_schedule: str = "constant",
+                            augmentation: str = "none") -> TrainedSegmenter:
     """Train the quality checks' segmenter on real ``(image, label)`` training pairs.
 
     Args:
@@ -336,6 +379,7 @@ def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labe
         foreground_oversampling: share of patches centred on foreground (see
             :class:`SegmenterConfig`); for volumes larger than ``patch`` with rare classes.
         lr_schedule: "constant" or "poly" (see :class:`SegmenterConfig`).
+        augmentation: "none" or "standard" (see :class:`SegmenterConfig`).
 
     Raises:
         ConfigError: no cases, bad budget.
@@ -343,7 +387,8 @@ def fit_agreement_segmenter(cases: Sequence[tuple[np.ndarray, np.ndarray]], labe
     if not cases:
         raise ConfigError("the agreement segmenter needs labelled real training cases; none were given")
     config = SegmenterConfig(network="segresnet", patch=patch, steps=steps, accelerator=accelerator, devices=1,
-                             lr=lr, foreground_oversampling=foreground_oversampling, lr_schedule=lr_schedule)
+                             lr=lr, foreground_oversampling=foreground_oversampling, lr_schedule=lr_schedule,
+                             augmentation=augmentation)
     seg_cases = [SegCase(f"case_{i}", "real", np.asarray(img, np.float32), np.asarray(lab, np.int64), (1.0, 1.0, 1.0))
                  for i, (img, lab) in enumerate(cases)]
     num_classes = max(int(v) for v in labels.values()) + 1

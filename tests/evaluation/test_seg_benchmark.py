@@ -35,7 +35,8 @@ def report(folders: dict[str, Path]) -> dict:
     out = folders["root"] / "report"
     code = main(["benchmark", "seg", "--real", str(folders["real"]), "--synthetic", str(folders["synthetic"]),
                  "--out", str(out), "--steps", "3", "--seeds", "0", "--patch", "16", "--bootstrap", "50",
-                 "--accelerator", "cpu", "--devices", "1", "--no-progress"])
+                 "--accelerator", "cpu", "--devices", "1", "--no-progress", "--lr-schedule", "poly",
+                 "--augmentation", "standard"])
     assert code == 0
     for name in ("report.json", "report.md", "report.html", "figures/dice_per_class.png", "figures/gain_vs_ratio.png"):
         assert (out / name).is_file(), name
@@ -43,6 +44,9 @@ def report(folders: dict[str, Path]) -> dict:
 
 
 def test_cli_writes_every_condition(report: dict) -> None:
+    # the training options reach every condition's segmenter and are recorded with the report
+    assert report["settings"]["segmenter"]["lr_schedule"] == "poly"
+    assert report["settings"]["segmenter"]["augmentation"] == "standard"
     assert list(report["conditions"]) == ["real", "real+synthetic@0.5", "real+synthetic@1", "real+synthetic@1.5",
                                           "synthetic"]
     for name, cond in report["conditions"].items():
@@ -246,3 +250,38 @@ def test_poly_schedule_decays_the_rate_to_zero_over_the_budget() -> None:
     config = SegmenterConfig(patch=16, steps=6, lr=0.01, accelerator="cpu", devices=1, lr_schedule="poly")
     module = train_segmenter(cases, 2, config, seed=0)
     assert module.hparams.lr_schedule == "poly" and module.hparams.total_steps == 6
+
+
+def test_standard_augmentation_changes_patches_keeps_labels_and_crops() -> None:
+    """Augmented patches differ from plain ones at the same crop, labels stay label values that
+    still sit on the same structure, the stream is seeded, and a bad name is refused."""
+    from medsynth.training.segmentation import PatchDataset, SegCase, train_segmenter
+
+    rng = np.random.default_rng(1)
+    label = np.zeros((24, 24, 24), np.int64)
+    label[6:18, 6:18, 6:18] = 1
+    label[9:15, 9:15, 9:15] = 2
+    image = (0.5 * label + 0.05 * rng.standard_normal(label.shape)).astype(np.float32)
+    cases = [SegCase("c0", "real", image, label, (1.0, 1.0, 1.0))]
+    plain = PatchDataset(cases, 16, 40, seed=3)
+    augmented = PatchDataset(cases, 16, 40, seed=3, augmentation="standard")
+    again = PatchDataset(cases, 16, 40, seed=3, augmentation="standard")
+    changed_image = changed_label = 0
+    for i in range(40):
+        p, a, b = plain[i], augmented[i], again[i]
+        assert a["image"].shape == a["label"].shape == (1, 16, 16, 16)
+        assert a["label"].dtype == torch.int64 and set(a["label"].unique().tolist()) <= {0, 1, 2}
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])  # seeded
+        changed_image += not torch.allclose(a["image"], p["image"])
+        changed_label += not torch.equal(a["label"], p["label"])
+        # the label follows the image: class-2 voxels stay the brightest on average
+        if (a["label"] == 2).sum() > 10 and (a["label"] == 0).sum() > 10:
+            assert a["image"][a["label"] == 2].mean() > a["image"][a["label"] == 0].mean() + 0.5
+    assert changed_image >= 10 and changed_label >= 3  # intensity and spatial parts both act
+    with pytest.raises(ConfigError, match=r"augmentation must be one of \['none', 'standard'\]"):
+        SegmenterConfig(augmentation="heavy")
+    with pytest.raises(ConfigError, match="augmentation must be one of"):
+        PatchDataset(cases, 16, 4, seed=0, augmentation="flip")
+    config = SegmenterConfig(patch=16, steps=4, lr=0.01, accelerator="cpu", devices=1, augmentation="standard")
+    module = train_segmenter(cases, 3, config, seed=0)
+    assert not module.training
