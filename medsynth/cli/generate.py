@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     asm.add_argument("--segmenter-steps", type=int, default=200,
                      help="with --controlnet: train the quality gate's agreement segmenter (MONAI SegResNet) on "
                           "the training split for this many steps (default 200; 0 = intensity-threshold baseline)")
+    asm.add_argument("--segmenter-lr-schedule", choices=("constant", "poly"), default="constant",
+                     help="that segmenter's learning rate: constant (default) or nnU-Net's poly decay to 0")
+    asm.add_argument("--segmenter-augmentation", choices=("none", "standard"), default="none",
+                     help="augment that segmenter's training patches: none (default) or standard (rotation, "
+                          "scaling, blur, noise, brightness, contrast, gamma; no mirroring)")
     asm.set_defaults(func=run_assemble)
 
     gen = sub.add_parser("generate", help="generate a synthetic dataset folder from a pipeline",
@@ -113,7 +118,9 @@ def run_assemble(args: argparse.Namespace) -> int:
 
     out = assemble_pipeline(args.autoencoder, args.dit, args.cache, args.out, name=args.name,
                             controlnet_dir=args.controlnet, bank_dir=args.bank, data_dir=args.data,
-                            label_generator_dir=args.label_generator, segmenter_steps=args.segmenter_steps)
+                            label_generator_dir=args.label_generator, segmenter_steps=args.segmenter_steps,
+                            segmenter_lr_schedule=args.segmenter_lr_schedule,
+                            segmenter_augmentation=args.segmenter_augmentation)
     print(f"pipeline written to {out} ({PIPELINE_FILE})")
     return 0
 

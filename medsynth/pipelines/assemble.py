@@ -172,9 +172,11 @@ def fit_quality(data_dir: str | Path, intensity: dict[str, Any], unit: str,
 
 
 def fit_segmenter(data_dir: str | Path, intensity: dict[str, Any], steps: int, out_dir: str | Path,
-                  splits: Sequence[str] = ("train",), seed: int = 0) -> dict[str, Any]:
+                  splits: Sequence[str] = ("train",), seed: int = 0, lr_schedule: str = "constant",
+                  augmentation: str = "none") -> dict[str, Any]:
     """Train the agreement segmenter (MONAI SegResNet) on ``splits`` and export it to ``out_dir``.
 
+    ``lr_schedule`` and ``augmentation`` are :class:`~medsynth.training.segmentation.SegmenterConfig`'s.
     Returns the ``quality.json`` segmenter record (its path is relative to the pipeline folder).
     """
     from medsynth.data.transforms import IntensityMapping
@@ -184,10 +186,12 @@ def fit_segmenter(data_dir: str | Path, intensity: dict[str, Any], steps: int, o
     smallest = min(min(image.shape) for image, _ in pairs)
     patch = int(max(16, min(64, smallest // 8 * 8)))  # whole small volumes, 64^3 windows on large ones
     labels = {k: int(v) for k, v in dataset.labels.items() if k != "ignore"}
-    segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(intensity), steps, patch, seed)
+    segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(intensity), steps, patch, seed,
+                                        lr_schedule=lr_schedule, augmentation=augmentation)
     save_agreement_segmenter(out_dir, segmenter)
     return {"kind": "segresnet", "path": Path(out_dir).name, "steps": int(steps), "patch": patch,
-            "splits": list(splits), "num_cases": len(pairs)}
+            "splits": list(splits), "num_cases": len(pairs), "lr_schedule": lr_schedule,
+            "augmentation": augmentation}
 
 
 def _copy_tree_hashed(src: Path, dest: Path, pattern: str = "**/*") -> dict[str, str]:
@@ -205,7 +209,8 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
                       out_dir: str | Path, *, name: str | None = None, controlnet_dir: str | Path | None = None,
                       bank_dir: str | Path | None = None, data_dir: str | Path | None = None,
                       label_generator_dir: str | Path | None = None,
-                      segmenter_steps: int = DEFAULT_SEGMENTER_STEPS) -> Path:
+                      segmenter_steps: int = DEFAULT_SEGMENTER_STEPS, segmenter_lr_schedule: str = "constant",
+                      segmenter_augmentation: str = "none") -> Path:
     """Write a pipeline folder from an autoencoder export, a DiT export and their latent cache.
 
     Args:
@@ -225,6 +230,9 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
         segmenter_steps: with a ControlNet, train the quality gate's agreement segmenter (MONAI
             SegResNet) on the training split for this many steps and store it in
             ``segmenter/``; 0 keeps the intensity-threshold baseline.
+        segmenter_lr_schedule, segmenter_augmentation: that segmenter's learning-rate schedule
+            ("constant" or "poly") and patch augmentation ("none" or "standard"); see
+            :class:`~medsynth.training.segmentation.SegmenterConfig`.
 
     Returns:
         ``out_dir``.
@@ -238,6 +246,13 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
     ae_dir, dit_dir, cache, out = Path(autoencoder_dir), Path(dit_dir), Path(cache_dir), Path(out_dir)
     if isinstance(segmenter_steps, bool) or not isinstance(segmenter_steps, int) or segmenter_steps < 0:
         raise ConfigError(f"--segmenter-steps must be an integer >= 0 (0: threshold baseline), got {segmenter_steps!r}")
+    from medsynth.training.segmentation import AUGMENTATIONS, LR_SCHEDULES
+
+    if segmenter_lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--segmenter-lr-schedule must be one of {list(LR_SCHEDULES)}, got {segmenter_lr_schedule!r}")
+    if segmenter_augmentation not in AUGMENTATIONS:
+        raise ConfigError(f"--segmenter-augmentation must be one of {list(AUGMENTATIONS)}, "
+                          f"got {segmenter_augmentation!r}")
     ae = read_export(ae_dir, kind="vqgan")
     dit = read_export(dit_dir, kind="dit")
     stats = read_cache_stats(cache)
@@ -336,7 +351,9 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
             # the threshold baseline stays in the record for comparison.
             shutil.rmtree(out / SEGMENTER_DIR, ignore_errors=True)
             quality["baseline_segmenter"] = quality["segmenter"]
-            quality["segmenter"] = fit_segmenter(data, intensity, segmenter_steps, out / SEGMENTER_DIR)
+            quality["segmenter"] = fit_segmenter(data, intensity, segmenter_steps, out / SEGMENTER_DIR,
+                                                 lr_schedule=segmenter_lr_schedule,
+                                                 augmentation=segmenter_augmentation)
             components["segmenter"] = {"kind": "segmenter", "path": SEGMENTER_DIR,
                                        "files": {f: file_sha256(out / SEGMENTER_DIR / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
                                        "steps": int(segmenter_steps)}

@@ -62,7 +62,8 @@ def pipeline_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("agreement")
     ae_dir, dit_dir, cache = build_components(root)
     cn_dir = build_controlnet(root, ae_dir, dit_dir, cache)
-    return assemble_pipeline(ae_dir, dit_dir, cache, root / "pipeline", controlnet_dir=cn_dir, segmenter_steps=5)
+    return assemble_pipeline(ae_dir, dit_dir, cache, root / "pipeline", controlnet_dir=cn_dir, segmenter_steps=5,
+                             segmenter_lr_schedule="poly", segmenter_augmentation="standard")
 
 
 def test_assemble_stores_the_trained_segmenter_and_the_gate_uses_it(pipeline_dir) -> None:
@@ -71,6 +72,8 @@ def test_assemble_stores_the_trained_segmenter_and_the_gate_uses_it(pipeline_dir
     quality = json.loads((pipeline_dir / QUALITY_FILE).read_text())
     assert quality["segmenter"]["kind"] == "segresnet" and quality["segmenter"]["path"] == "segmenter"
     assert quality["baseline_segmenter"]["kind"] == "threshold"  # kept for comparison
+    # how it was trained is recorded with it
+    assert quality["segmenter"]["lr_schedule"] == "poly" and quality["segmenter"]["augmentation"] == "standard"
     pipe = MedSynthPipeline.from_pretrained(pipeline_dir)
     gate = QualityGate.from_record(pipe.quality, pipe.labels)
     assert isinstance(gate.segmenter, TrainedSegmenter)
@@ -100,6 +103,11 @@ def test_a_tampered_segmenter_is_refused(pipeline_dir, tmp_path) -> None:
 def test_negative_segmenter_steps_are_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--segmenter-steps"):
         assemble_pipeline(tmp_path, tmp_path, tmp_path, tmp_path / "out", segmenter_steps=-1)
+    with pytest.raises(ConfigError, match=r"--segmenter-lr-schedule must be one of \['constant', 'poly'\]"):
+        assemble_pipeline(tmp_path, tmp_path, tmp_path, tmp_path / "out", segmenter_lr_schedule="cosine")
+    with pytest.raises(ConfigError, match=r"--segmenter-augmentation must be one of \['none', 'standard'\]"):
+        assemble_pipeline(tmp_path, tmp_path, tmp_path, tmp_path / "out", segmenter_augmentation="mirror")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_evaluate_scores_mask_fidelity_with_the_trained_segmenter(pipeline_dir, tmp_path, capsys) -> None:
