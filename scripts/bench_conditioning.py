@@ -468,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"--judge-phantoms {args.judge_phantoms} --judge-steps {args.judge_steps}")
     trained_on_words = "real train split" + (f" + {args.judge_phantoms} fresh real phantoms" if args.judge_phantoms else "")
     schedule_words = "constant learning rate" if args.judge_lr_schedule == "constant" else "learning rate decayed (poly)"
-    if args.judge_augmentation != "none":
-        schedule_words += f", {args.judge_augmentation} augmentation"
+    # what the record says about how the judge was trained, loaded or not
+    judge_training = {"trained_on": trained_on_words, "lr": segmenter_lr(), "lr_schedule": schedule_words,
+                      "augmentation": args.judge_augmentation}
     if args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
         from medsynth.training.segmentation import load_agreement_segmenter
 
@@ -479,9 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"--judge-dir {args.judge_dir} holds a judge trained on {kept}, not on {trained_on}; "
                      "give another folder")
         segmenter = load_agreement_segmenter(args.judge_dir)
-        judge = {"kind": "segresnet", "steps": segmenter.steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
-                 "lr_schedule": schedule_words,
-                 "loaded_from": str(args.judge_dir)}
+        judge = {"kind": "segresnet", "steps": segmenter.steps, **judge_training, "loaded_from": str(args.judge_dir)}
     elif args.judge_steps > 0:
         from medsynth.data.transforms import IntensityMapping
         from medsynth.pipelines.assemble import training_pairs
@@ -495,9 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.judge_steps, patch=32, seed=0, accelerator="cpu",
                                             lr_schedule=args.judge_lr_schedule,
                                             augmentation=args.judge_augmentation)
-        judge = {"kind": "segresnet", "steps": args.judge_steps, "trained_on": trained_on_words, "lr": segmenter_lr(),
-                 "lr_schedule": schedule_words,
-                 "training_cases": len(pairs)}
+        judge = {"kind": "segresnet", "steps": args.judge_steps, **judge_training, "training_cases": len(pairs)}
         if args.judge_dir is not None:
             from medsynth.training.segmentation import save_agreement_segmenter
 
@@ -567,7 +564,8 @@ def render(r: dict, figure: Path) -> str:
              f"Machine: {r['machine']}. Judge: "
              f"a SegResNet trained {r['segmenter'].get('steps')} steps on the demo's "
              f"{r['segmenter'].get('trained_on', 'real train split').replace('real train split', 'real training split')}"
-             f"{', ' + r['segmenter']['lr_schedule'] if 'lr_schedule' in r['segmenter'] else ''}; "
+             f"{', ' + r['segmenter']['lr_schedule'] if 'lr_schedule' in r['segmenter'] else ''}"
+             f"{', ' + r['segmenter']['augmentation'] + ' augmentation' if r['segmenter'].get('augmentation', 'none') != 'none' else ''}; "
              "its Dice on real held-out phantoms is the ceiling below. "
              f"{r['steps']} sampling steps. Tiny models trained for minutes on a CPU: these numbers show "
              "what the demo reaches, not what trained models reach.", "",
