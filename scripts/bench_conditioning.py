@@ -10,6 +10,10 @@ Reads a ``medsynth demo`` folder (its pipeline, real phantom dataset and cohort)
 2. **Mask fidelity** (ControlNet issue): per-class Dice between the cohort's conditioning masks
    and the segmenter's output on the generated images, beside the same segmenter on real
    held-out phantoms (the ceiling); lesion detection rate by lesion size.
+   With ``--held-out-masks N``, an image is also generated from each of N held-out real label
+   maps and scored case by case beside the real image of the same mask and that image after the
+   pipeline's autoencoder: means, 95 % bootstrap intervals, the paired gap (Wilcoxon), Dice by
+   organ size and ``figures/held_out_masks_<modality>.png`` (Dice against organ voxels).
 4. **Lesion detection by size, paired** (``--lesion-masks N``): a lesion of each requested size
    is inserted into up to N held-out label maps; one image is generated from the map with the
    lesion (and a prompt asking for it) and one from the map without (and a prompt asking for
@@ -208,18 +212,33 @@ def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, sc
     return {f"{scale:g}": remade_fidelity(pipe, jobs, segmenter, labels, modality, scale, steps) for scale in scales}
 
 
-def remade_fidelity(pipe, jobs: list, segmenter, labels: dict, modality: str, scale: float | None,
-                    steps: int) -> dict[str, float]:
+def remade_dice(pipe, jobs: list, segmenter, labels: dict, modality: str, scale: float | None,
+                steps: int) -> list[dict[str, float]]:
     """Generate one image per ``(mask, prompt, metadata, seed)`` job at mask guidance ``scale``
-    (None: the ControlNet's default) and return the judge's mean Dice per large class."""
-    per_class: dict[str, list[float]] = {}
+    (None: the ControlNet's default); the judge's Dice per large class on each, in job order."""
+    out = []
     for mask, prompt, metadata, seed in jobs:
         volume = pipe(prompt, num_inference_steps=steps, mask=mask, mask_guidance_scale=scale, metadata=metadata,
                       generator=torch.Generator().manual_seed(seed))[0]
-        for name, value in large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels,
-                                            modality).items():
-            per_class.setdefault(name, []).append(value)
-    return {k: round(float(np.mean(v)), 3) for k, v in per_class.items()}
+        out.append(large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels, modality))
+    return out
+
+
+def class_means(per_case: list[dict[str, float]]) -> dict[str, float]:
+    """``[{class: Dice}]`` per case -> ``{class: mean over the cases that have it}`` (3 decimals)."""
+    names = list(dict.fromkeys(name for row in per_case for name in row))
+    return {n: round(float(np.mean([row[n] for row in per_case if n in row])), 3) for n in names}
+
+
+def remade_fidelity(pipe, jobs: list, segmenter, labels: dict, modality: str, scale: float | None,
+                    steps: int) -> dict[str, float]:
+    """:func:`remade_dice` averaged: the judge's mean Dice per large class."""
+    return class_means(remade_dice(pipe, jobs, segmenter, labels, modality, scale, steps))
+
+
+# Organs split into this many size groups (by voxel count in the mask) for the held-out table:
+# at 32^3 a small spleen is 20-60 voxels, where one voxel of boundary is a large share of Dice.
+SIZE_GROUPS = 3
 
 
 def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str, num: int, scales: list,
@@ -227,21 +246,101 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     """Paired mask fidelity on masks the models never saw: for each labelled held-out real case
     (val + test, at most ``num``), an image is generated from its label map with its own prompt,
     sex and age, and the judge's Dice on it is set beside the judge's Dice on the real image of
-    the same mask (the ceiling, case by case). ``scales``: mask guidance scales (None: the
-    ControlNet's default)."""
+    the same mask (the ceiling, case by case) and on that real image after the pipeline's
+    autoencoder (what anything decoded from its latents can reach). ``scales``: mask guidance
+    scales (None: the ControlNet's default); the first is analysed case by case.
+
+    Returns ``{"cases", "real", "autoencoder", "synthetic": {scale: means}, "ci95": {images:
+    {class: [low, high]}}, "gap": {class: paired synthetic - real}, "by_size": {class: [group]},
+    "rows": [{case_id, class, voxels, real, autoencoder, synthetic}]}``.
+    """
+    from medsynth.evaluation.segmentation import bootstrap_mean, paired_comparison
     from medsynth.io import read_volume
 
     cases = held_out_cases(dataset)[:num]
-    real = judged_dice(cases, segmenter, labels, modality, real_reader(dataset, pipe))
-    out = {"cases": len(cases), "real": {k: round(float(np.mean(v)), 3) for k, v in real.items()}, "synthetic": {}}
-    masks = [(case, read_volume(case.label, kind="label")) for case in cases]
+    read_real = real_reader(dataset, pipe)
+    masks = [read_volume(case.label, kind="label") for case in cases]
+    real, decoded = [], []
+    for case, mask in zip(cases, masks):
+        image = read_real(case)
+        real.append(large_class_dice(segmenter.predict(image), mask.array, labels, modality))
+        decoded.append(large_class_dice(segmenter.predict(autoencoder_round_trip(pipe, image)), mask.array, labels,
+                                        modality))
     jobs = [(mask, case.prompt or None,
              {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}, seed + index)
-            for index, (case, mask) in enumerate(masks)]
+            for index, (case, mask) in enumerate(zip(cases, masks))]
+    synthetic = {}
     for scale in scales:
-        key = "default" if scale is None else f"{scale:g}"
-        out["synthetic"][key] = remade_fidelity(pipe, jobs, segmenter, labels, modality, scale, steps)
+        synthetic["default" if scale is None else f"{scale:g}"] = remade_dice(pipe, jobs, segmenter, labels, modality,
+                                                                              scale, steps)
+    first = next(iter(synthetic.values()))
+    rows = [{"case_id": case.case_id, "class": name, "voxels": int((np.asarray(mask.array) == labels[name]).sum()),
+             "real": round(r[name], 4), "autoencoder": round(d[name], 4), "synthetic": round(g[name], 4)}
+            for case, mask, r, d, g in zip(cases, masks, real, decoded, first) for name in r if name in g and name in d]
+    names = list(class_means(real))
+    ci = {}
+    for images, per_case in (("real", real), ("autoencoder", decoded), ("synthetic", first)):
+        intervals = {n: bootstrap_mean([row[n] for row in per_case if n in row], seed=seed) for n in names}
+        ci[images] = {n: [round(i.low, 3), round(i.high, 3)] for n, i in intervals.items()}
+    gap = {}
+    for n in names:
+        pairs = [row for row in rows if row["class"] == n]
+        compared = paired_comparison({row["case_id"]: row["real"] for row in pairs},
+                                     {row["case_id"]: row["synthetic"] for row in pairs}, seed=seed)
+        gain = compared.get("abs_gain") or {}
+        gap[n] = {"mean": round(gain.get("value", float("nan")), 3),
+                  "ci95": [round(gain.get("ci_low", float("nan")), 3), round(gain.get("ci_high", float("nan")), 3)],
+                  "wilcoxon_p": compared.get("wilcoxon", {}).get("p_value")}
+    return {"cases": len(cases), "real": class_means(real), "autoencoder": class_means(decoded),
+            "synthetic": {key: class_means(per_case) for key, per_case in synthetic.items()},
+            "analysed_scale": next(iter(synthetic)), "ci95": ci, "gap": gap,
+            "by_size": size_groups(rows, names), "rows": rows}
+
+
+def size_groups(rows: list[dict], names: list[str], groups: int = SIZE_GROUPS) -> dict[str, list[dict]]:
+    """Per class, the held-out rows split into ``groups`` equal-count groups by organ voxel count:
+    ``{class: [{"voxels": [low, high], "cases", "real", "autoencoder", "synthetic"}]}`` (mean Dice)."""
+    out = {}
+    for name in names:
+        ordered = sorted((row for row in rows if row["class"] == name), key=lambda row: row["voxels"])
+        out[name] = [{"voxels": [part[0]["voxels"], part[-1]["voxels"]], "cases": len(part),
+                      **{k: round(float(np.mean([row[k] for row in part])), 3)
+                         for k in ("real", "autoencoder", "synthetic")}}
+                     for part in ([ordered[i] for i in idx] for idx in np.array_split(np.arange(len(ordered)), groups))
+                     if part]
     return out
+
+
+def size_figure(held: dict, out_png: Path) -> Path:
+    """Judge Dice against organ size (voxels in the mask), one panel per large class: real images,
+    the same after the autoencoder, and the image generated from the same mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medsynth.evaluation.figures import save_figure
+
+    names = list(held["real"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [row for row in held["rows"] if row["class"] == name]
+        voxels = [row["voxels"] for row in rows]
+        for key, marker, colour in (("real", "o", "tab:blue"), ("autoencoder", "^", "tab:orange"),
+                                    ("synthetic", "x", "tab:red")):
+            ax.scatter(voxels, [row[key] for row in rows], marker=marker, s=18, color=colour,
+                       label={"real": "real", "autoencoder": "real after autoencoder",
+                              "synthetic": "generated from the mask"}[key])
+        ax.axhline(0.8, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("voxels in the mask")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("judge Dice")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"held-out masks ({held['cases']}): Dice against organ size (dashed: 0.80)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out_png, dpi=110)
+    return out_png
 
 
 def lesion_detection(cohort, segmenter, lesion_value: int) -> dict:
@@ -532,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         record["held_out_masks"] = held_out_mask_fidelity(pipe, dataset, segmenter, pipe.labels, modality,
                                                           args.held_out_masks, args.mask_guidance or [None],
                                                           args.steps, args.seed)
+        record["held_out_masks"]["figure"] = str(size_figure(
+            record["held_out_masks"], args.out / "figures" / f"held_out_masks_{modality}.png"))
     if args.lesion_masks > 0:
         from medsynth.errors import InputError
 
@@ -553,6 +654,33 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"conditioning_{modality}.md").write_text(render(record, figure.relative_to(args.out)))
     print(render(record, figure))
     return 0
+
+
+def held_out_details(held: dict, names: list[str]) -> list[str]:
+    """The held-out section's intervals, paired gap and organ-size table (markdown lines)."""
+    interval = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
+    scale = held["analysed_scale"]
+    lines = ["", f"Case by case at mask guidance `{scale}`: 95 % bootstrap intervals of the mean over cases, and "
+             "the paired gap (generated minus real image of the same mask; Wilcoxon signed-rank p).", "",
+             "| class | real | real after the autoencoder | generated | gap to real | p |", "|---|---|---|---|---|---|"]
+    for n in names:
+        gap = held["gap"][n]
+        p = "-" if gap["wilcoxon_p"] is None else f"{gap['wilcoxon_p']:.2g}"
+        lines.append(f"| {n} | " + " | ".join(f"{held[k][n] if k != 'synthetic' else held['synthetic'][scale][n]:.3f} "
+                                                f"{interval(held['ci95'][k][n])}"
+                                                for k in ("real", "autoencoder", "synthetic"))
+                     + f" | {gap['mean']:+.3f} {interval(gap['ci95'])} | {p} |")
+    lines += ["", f"By organ size (voxels in the mask, {len(next(iter(held['by_size'].values())))} equal-count "
+              "groups per class): small organs are where every image, real ones included, loses Dice at this grid.",
+              "", "| class | voxels | cases | real | real after the autoencoder | generated |",
+              "|---|---|---|---|---|---|"]
+    for n in names:
+        for group in held["by_size"][n]:
+            lines.append(f"| {n} | {group['voxels'][0]}-{group['voxels'][1]} | {group['cases']} | {group['real']:.3f} "
+                         f"| {group['autoencoder']:.3f} | {group['synthetic']:.3f} |")
+    if held.get("figure"):
+        lines += ["", f"![Dice against organ size](figures/{Path(held['figure']).name})"]
+    return lines
 
 
 def render(r: dict, figure: Path) -> str:
@@ -603,9 +731,14 @@ def render(r: dict, figure: Path) -> str:
                   "mask, beside the judge on the real images of the same masks.", "",
                   "| images | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
                   "| real (ceiling) | " + " | ".join(f"{held['real'][n]:.3f}" for n in names) + " |"]
+        if "autoencoder" in held:
+            lines.append("| real after the autoencoder | " + " | ".join(f"{held['autoencoder'][n]:.3f}"
+                                                                       for n in names) + " |")
         for scale, row in held["synthetic"].items():
             label = "synthetic, default mask guidance" if scale == "default" else f"synthetic, mask guidance {scale}"
             lines.append(f"| {label} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in names) + " |")
+        if "ci95" in held:
+            lines += held_out_details(held, names)
     lines += ["", "## Lesion detection by size (cohort lesions)", "", "| diameter | detected / lesions | rate |",
               "|---|---|---|"]
     for key, v in r["lesion_detection"].items():

@@ -44,6 +44,18 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert all(set(row) <= set(held["real"]) and all(0.0 <= v <= 1.0 for v in row.values())
                for row in held["synthetic"].values())
     assert "held-out masks (paired)" in page
+    # case by case: one row per (case, class) at the first scale, each within the means it feeds
+    assert held["analysed_scale"] == "1" and set(held["autoencoder"]) == set(held["real"])
+    rows = held["rows"]
+    assert {row["case_id"] for row in rows} and all(row["voxels"] > 0 for row in rows)
+    for name in held["real"]:
+        mine = [row for row in rows if row["class"] == name]
+        assert abs(sum(row["synthetic"] for row in mine) / len(mine) - held["synthetic"]["1"][name]) < 1e-3
+        assert abs(sum(row["real"] for row in mine) / len(mine) - held["real"][name]) < 1e-3
+        low, high = held["ci95"]["synthetic"][name]
+        assert low - 1e-3 <= held["synthetic"]["1"][name] <= high + 1e-3
+        assert sum(group["cases"] for group in held["by_size"][name]) == len(mine)
+    assert "By organ size" in page and (out / "figures" / "held_out_masks_ct.png").stat().st_size > 5000
     # lesions by size: the quick demo's training split holds real lesions (seed 0), so it is measured,
     # on both images of each pair
     lesions = record["lesion_contrast"]
@@ -59,6 +71,19 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert all(row["group"] == "all" for row in rows["with_lesion"] + rows["without_lesion"])
     assert lesions["added_contrast_by_group"] == {"all": added}  # one rule: the group table is the whole table
     assert "contrast added by the lesion" in page
+
+    # the gate's segmenter by budget and recipe, on the same demo's held-out cases
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gate_segmenter.py"), "--demo", str(demo),
+                           "--steps", "2", "3", "--recipes", "constant:none", "poly:standard", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gate = json.loads((out / "gate_segmenter_ct.json").read_text())
+    assert [(r["steps"], r["lr_schedule"], r["augmentation"]) for r in gate["rows"]] == [
+        (2, "constant", "none"), (2, "poly", "standard"), (3, "constant", "none"), (3, "poly", "standard")]
+    assert all(set(r["dice"]) <= set(fidelity["real_ceiling"]) and all(0 <= v <= 1 for v in r["dice"].values())
+               for r in gate["rows"])
+    assert gate["held_out_cases"] == fidelity["real_cases"]
+    assert "| 3 | poly | standard |" in (out / "gate_segmenter_ct.md").read_text()
 
     # a second pipeline folder scored by the same judge: it is loaded, not trained again
     again = tmp_path / "bench2"
@@ -162,3 +187,31 @@ def test_mr_tumours_are_judged_by_one_contrast_rule_per_sequence(tmp_path: Path)
     assert all(sign == (1.0 if group == "T1" else -1.0) for group, sign in signs.items()), signs
     assert "T1" in signs and len(set(signs.values())) == 2
     assert contrast_group(train[0], "ct") == "all"
+
+
+def test_size_groups_split_each_class_by_organ_voxels() -> None:
+    """Equal-count groups in voxel order, the group means over exactly the rows in each."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_conditioning import size_groups
+
+    rows = [{"case_id": f"c{i}", "class": "spleen", "voxels": v, "real": d, "autoencoder": d - 0.1,
+             "synthetic": d - 0.2} for i, (v, d) in enumerate([(300, 0.9), (20, 0.5), (150, 0.8), (40, 0.6),
+                                                              (200, 0.85), (90, 0.7), (10, 0.3)])]
+    rows.append({"case_id": "c0", "class": "liver", "voxels": 900, "real": 0.95, "autoencoder": 0.9,
+                 "synthetic": 0.9})
+    groups = size_groups(rows, ["spleen", "liver"], groups=3)
+    spleen = groups["spleen"]
+    assert [g["voxels"] for g in spleen] == [[10, 40], [90, 150], [200, 300]]
+    assert [g["cases"] for g in spleen] == [3, 2, 2]
+    assert spleen[0]["real"] == round((0.3 + 0.5 + 0.6) / 3, 3)
+    assert spleen[1]["synthetic"] == round((0.5 + 0.6) / 2, 3)
+    assert groups["liver"] == [{"voxels": [900, 900], "cases": 1, "real": 0.95, "autoencoder": 0.9, "synthetic": 0.9}]
+
+
+def test_gate_segmenter_bench_refuses_an_unknown_recipe(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gate_segmenter.py"), "--demo",
+                           str(tmp_path), "--recipes", "cosine:none"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cosine:none" in proc.stderr and "'poly'" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gate_segmenter.py"), "--demo",
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
