@@ -216,6 +216,8 @@ class CohortRunner:
         if check is None and self.use_masks and spec.quality_gate and pipeline.quality is not None:
             check = QualityGate.from_record(pipeline.quality, self.labels, min_dice=spec.min_dice)
         self.check = check if (self.use_masks and spec.quality_gate) else None
+        if isinstance(self.check, QualityGate) and rank == 0:
+            self.check.warn_ungated(log)
         self.ignore = max(self.labels.values()) + 1
         table = self.labels if self.use_masks else {**self.labels, IGNORE_LABEL: self.ignore}
         block = {"source": "medsynth cohort", "synthetic": True,

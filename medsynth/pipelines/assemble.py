@@ -194,6 +194,29 @@ def fit_segmenter(data_dir: str | Path, intensity: dict[str, Any], steps: int, o
             "augmentation": augmentation}
 
 
+def calibrate_segmenter(data_dir: str | Path, intensity: dict[str, Any], quality: dict[str, Any],
+                        pipeline_dir: str | Path) -> dict[str, Any]:
+    """Score the quality record's agreement segmenter on real cases: the val split, or the
+    splits it was fit on when the dataset has no labelled val case. Returns the ``calibration``
+    record of ``quality.json`` (:func:`~medsynth.pipelines.quality_gate.calibration_record`)."""
+    from medsynth.data.transforms import IntensityMapping
+    from medsynth.pipelines.quality_gate import calibration_record, segmenter_from_record
+
+    segmenter = dict(quality["segmenter"])
+    if segmenter.get("kind") == "segresnet":
+        segmenter["path"] = str((Path(pipeline_dir) / segmenter["path"]).resolve())
+    try:
+        splits: Sequence[str] = ("val",)
+        dataset, pairs = training_pairs(data_dir, splits)
+    except InputError:  # no labelled val case: the training cases, which flatter a trained segmenter
+        splits = tuple(quality["splits"])
+        dataset, pairs = training_pairs(data_dir, splits)
+    output = IntensityMapping.from_dict(intensity)
+    cases = [(np.asarray(output.inverse(image), dtype=np.float32), label) for image, label in pairs]
+    labels = {k: int(v) for k, v in dataset.labels.items() if k != "ignore"}
+    return calibration_record(segmenter_from_record({"segmenter": segmenter}), cases, labels, splits)
+
+
 def _copy_tree_hashed(src: Path, dest: Path, pattern: str = "**/*") -> dict[str, str]:
     hashes = {}
     for file in sorted(p for p in src.glob(pattern) if p.is_file()):
@@ -357,6 +380,9 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
             components["segmenter"] = {"kind": "segmenter", "path": SEGMENTER_DIR,
                                        "files": {f: file_sha256(out / SEGMENTER_DIR / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
                                        "steps": int(segmenter_steps)}
+        # The gate leaves out large classes its segmenter cannot find on real images: otherwise
+        # an undertrained segmenter fails every generated image on them.
+        quality["calibration"] = calibrate_segmenter(data, intensity, quality, out)
         write_json_atomic(out / QUALITY_FILE, quality)
         components["quality"] = {"kind": "quality", "path": ".",
                                  "files": {QUALITY_FILE: file_sha256(out / QUALITY_FILE)},
@@ -396,4 +422,5 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
     return out
 
 
-__all__ = ["assemble_pipeline", "training_defaults", "output_intensity", "fit_quality", "fit_segmenter", "training_pairs"]
+__all__ = ["assemble_pipeline", "training_defaults", "output_intensity", "fit_quality", "fit_segmenter",
+           "calibrate_segmenter", "training_pairs"]

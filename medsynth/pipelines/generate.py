@@ -372,6 +372,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
             check = QualityGate.from_record(pipeline.quality, plan.labels, min_dice=settings.min_dice)
         if not settings.quality_gate:
             check = None
+    untrusted = check.warn_ungated(log) if isinstance(check, QualityGate) else []
     sched = pipeline.record["scheduler"]
     steps = settings.num_inference_steps or int(sched.get("num_inference_steps", 30))
     guidance = float(sched.get("guidance_scale", 1.0)) if settings.guidance_scale is None else settings.guidance_scale
@@ -383,7 +384,8 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
     if plan is not None:
         block["generation"]["masks"] = {**plan.to_dict(), "mask_guidance_scale": settings.mask_guidance_scale,
                                         "quality_gate": check is not None, "max_retries": settings.max_retries,
-                                        "keep_failed": settings.keep_failed, "min_dice": settings.min_dice}
+                                        "keep_failed": settings.keep_failed, "min_dice": settings.min_dice,
+                                        "ungated_classes": untrusted}
     if pipeline.modality == "CT":
         block["intensity"] = pipeline.intensity.to_dict()  # the stored HU come back through this window
     trained_on = pipeline.record.get("training_data", {}).get("dataset") or "medsynth"

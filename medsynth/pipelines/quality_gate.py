@@ -11,6 +11,10 @@ Two checks per generated image and its conditioning mask:
   a Dice of a few voxels says little). ``medsynth assemble`` trains a MONAI SegResNet on the same split (``--segmenter-steps``, default
   200) and the gate uses it; with ``--segmenter-steps 0`` it uses the intensity-threshold
   baseline :class:`~medsynth.evaluation.mask_fidelity.ThresholdSegmenter` fit on that split.
+  The segmenter is scored on real cases at assemble time (:func:`calibration_record`: the val
+  split, or the training split when there is none); a large class it cannot find on real images
+  (mean Dice below ``min_dice``) is not gated, since every generated image would fail on it, and
+  is listed as ``ungated`` instead.
 
 A failing sample is regenerated with :func:`derived_seed` ``(seed, attempt)`` up to
 ``max_retries`` times; the caller keeps or skips a sample that never passes.
@@ -75,6 +79,27 @@ def fit_quality_record(cases: Sequence[tuple[np.ndarray, np.ndarray]], labels: M
                           "order": list(segmenter.order)}}
 
 
+def calibration_record(segmenter: Segmenter, cases: Sequence[tuple[np.ndarray, np.ndarray]],
+                       labels: Mapping[str, int], splits: Sequence[str]) -> dict[str, Any]:
+    """How well the agreement segmenter finds each class on real images: ``{"splits",
+    "num_cases", "dice": {class: mean Dice over the cases that have it}}``.
+
+    Args:
+        segmenter: the gate's segmenter (``predict(image) -> label``).
+        cases: ``(X, Y, Z)`` real image in output units and its label map.
+        labels: name -> value.
+        splits: where the cases came from (for the record; the val split when it has cases, so
+            that a trained segmenter is not scored on what it learnt).
+    """
+    per_class: dict[str, list[float]] = {}
+    cases = list(cases)
+    for image, label in cases:
+        for name, value in dice_per_class(np.asarray(segmenter.predict(image)), np.asarray(label), labels).items():
+            per_class.setdefault(name, []).append(value)
+    return {"splits": list(splits), "num_cases": len(cases),
+            "dice": {name: round(float(np.mean(values)), 4) for name, values in per_class.items()}}
+
+
 def segmenter_from_record(record: Mapping[str, Any]) -> Segmenter:
     """The segmenter stored in a ``quality.json`` record: the trained SegResNet (kind
     ``segresnet``, its ``path`` resolved by the pipeline loader) or the threshold baseline."""
@@ -109,7 +134,10 @@ class GateResult:
         failing: ``"intensity:CLASS"`` / ``"dice:CLASS"`` entries that failed.
         intensity: per class ``{"median", "low", "high", "ok"}``.
         dice: per class present in the mask, Dice of the segmentation vs the mask.
-        gated: the classes whose Dice can fail the sample (large classes).
+        gated: the classes whose Dice can fail the sample (large classes the segmenter finds on
+            real images).
+        ungated: large classes left out because the segmenter's mean Dice on real images is
+            below ``min_dice`` (see :func:`calibration_record`).
     """
 
     passed: bool
@@ -117,6 +145,7 @@ class GateResult:
     intensity: dict[str, Any] = field(default_factory=dict)
     dice: dict[str, float] = field(default_factory=dict)
     gated: list[str] = field(default_factory=list)
+    ungated: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,11 +176,15 @@ class QualityGate:
         min_dice: least Dice for each large class.
         large_fraction: a class is "large" (Dice-gated) when it covers at least this fraction
             of the mask's voxels.
+        calibration: the segmenter's mean Dice per class on real images
+            (:func:`calibration_record`); a large class below ``min_dice`` there is not gated.
+            None: every large class is gated (pipelines assembled before calibration existed).
     """
 
     def __init__(self, labels: Mapping[str, int], ranges: Mapping[str, IntensityRange] | None = None,
                  segmenter: Segmenter | None = None, min_dice: float = DEFAULT_MIN_DICE,
-                 large_fraction: float = DEFAULT_LARGE_FRACTION) -> None:
+                 large_fraction: float = DEFAULT_LARGE_FRACTION,
+                 calibration: Mapping[str, float] | None = None) -> None:
         if not 0.0 <= min_dice <= 1.0:
             raise ConfigError(f"--min-dice must lie in [0, 1], got {min_dice}")
         self.labels = dict(labels)
@@ -159,12 +192,31 @@ class QualityGate:
         self.segmenter = segmenter
         self.min_dice = float(min_dice)
         self.large_fraction = float(large_fraction)
+        self.calibration = None if calibration is None else {k: float(v) for k, v in calibration.items()}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], labels: Mapping[str, int], **options: Any) -> "QualityGate":
         """A gate from a pipeline's ``quality.json`` record (see :func:`fit_quality_record`)."""
         ranges = {name: IntensityRange(**r) for name, r in dict(record.get("intensity_ranges") or {}).items()}
-        return cls(labels, ranges, segmenter_from_record(record), **options)
+        calibration = (record.get("calibration") or {}).get("dice")
+        return cls(labels, ranges, segmenter_from_record(record), calibration=calibration, **options)
+
+    def trusted(self, name: str) -> bool:
+        """Whether the segmenter finds class ``name`` on real images well enough to gate on it."""
+        return self.calibration is None or self.calibration.get(name, 0.0) >= self.min_dice
+
+    def ungated_classes(self) -> list[str]:
+        """Calibrated classes the agreement check leaves out (real-image Dice below ``min_dice``)."""
+        return sorted(n for n in (self.calibration or {}) if not self.trusted(n))
+
+    def warn_ungated(self, log: Any) -> list[str]:
+        """Log (warning) and return :meth:`ungated_classes`, for the start of a run."""
+        ungated = self.ungated_classes()
+        if ungated and self.segmenter is not None:
+            log.warning("the quality gate's segmenter finds %s on real images at Dice below %.2f; the agreement "
+                        "check leaves them out (assemble with more --segmenter-steps to check them)",
+                        ", ".join(ungated), self.min_dice)
+        return ungated
 
     def __call__(self, image: Volume, label: Volume) -> GateResult:
         """Check ``image`` (output units) against ``label`` on the same grid."""
@@ -177,7 +229,9 @@ class QualityGate:
         if self.segmenter is not None:
             result.dice = dice_per_class(np.asarray(self.segmenter.predict(img)), lab, self.labels)
             total = lab.size
-            result.gated = [n for n in result.dice if (lab == self.labels[n]).sum() >= self.large_fraction * total]
+            large = [n for n in result.dice if (lab == self.labels[n]).sum() >= self.large_fraction * total]
+            result.gated = [n for n in large if self.trusted(n)]
+            result.ungated = [n for n in large if not self.trusted(n)]
             result.failing += [f"dice:{n}" for n in result.gated if result.dice[n] < self.min_dice]
         result.passed = not result.failing
         return result
@@ -210,5 +264,5 @@ def generate_checked(make: Callable[[int], Volume], label: Volume, seed: int, ch
     return image, current, attempts, False
 
 
-__all__ = ["QualityGate", "GateResult", "generate_checked", "derived_seed", "fit_quality_record",
+__all__ = ["QualityGate", "GateResult", "generate_checked", "derived_seed", "fit_quality_record", "calibration_record",
            "segmenter_from_record", "dice_per_class", "DEFAULT_MIN_DICE", "DEFAULT_LARGE_FRACTION"]

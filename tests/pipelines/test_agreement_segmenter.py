@@ -77,6 +77,11 @@ def test_assemble_stores_the_trained_segmenter_and_the_gate_uses_it(pipeline_dir
     pipe = MedSynthPipeline.from_pretrained(pipeline_dir)
     gate = QualityGate.from_record(pipe.quality, pipe.labels)
     assert isinstance(gate.segmenter, TrainedSegmenter)
+    # the stored segmenter, scored on real cases at assemble time; the gate carries those scores
+    calibration = quality["calibration"]
+    assert calibration["num_cases"] >= 1 and calibration["splits"] in (["val"], ["train"])
+    assert calibration["dice"] and all(0.0 <= v <= 1.0 for v in calibration["dice"].values())
+    assert gate.calibration == calibration["dice"]
     # The pipeline folder is self-contained: moved elsewhere, it still finds its segmenter.
     moved = pipeline_dir.parent / "moved"
     pipeline_dir.rename(moved)
@@ -176,3 +181,43 @@ def test_evaluate_hands_real_mr_cases_to_a_trained_segmenter_as_it_was_trained(t
     ceiling_inputs = list(received.values())[-len(held):]  # synthetic cases first, then the real ceiling
     for case, seen in zip(held, ceiling_inputs):
         np.testing.assert_allclose(seen, load_case(real, case, with_label=False)[1], atol=1e-4)
+
+
+class _Painter:
+    """A stand-in segmenter that paints a fixed label map whatever the image."""
+
+    def __init__(self, label: np.ndarray) -> None:
+        self.label = label
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.label
+
+
+def test_the_gate_leaves_out_classes_its_segmenter_cannot_find_on_real_images() -> None:
+    """A class the segmenter misses on real images would fail every generated image: it is
+    listed as ungated instead, while a class it finds is still checked."""
+    from medsynth.io.volume import Volume
+    from medsynth.pipelines.quality_gate import calibration_record
+
+    labels = {"background": 0, "liver": 1, "spleen": 2}
+    mask = np.zeros((16, 16, 16), np.int64)
+    mask[2:9, 2:12, 2:12], mask[10:14, 4:10, 4:10] = 1, 2
+    missed_spleen = np.where(mask == 2, 0, mask)  # liver right, spleen never found
+    affine = np.eye(4)
+    image, label = Volume(np.zeros(mask.shape, np.float32), affine), Volume(mask, affine)
+    # calibration: the segmenter on "real" cases finds the liver and never the spleen
+    calibration = calibration_record(_Painter(missed_spleen), [(image.array, mask)] * 2, labels, ["val"])
+    assert calibration == {"splits": ["val"], "num_cases": 2, "dice": {"liver": 1.0, "spleen": 0.0}}
+    gate = QualityGate(labels, segmenter=_Painter(missed_spleen), calibration=calibration["dice"])
+    result = gate(image, label)
+    assert result.passed and result.gated == ["liver"] and result.ungated == ["spleen"]
+    assert result.dice == {"liver": 1.0, "spleen": 0.0}  # still scored and recorded
+    # without calibration (older pipelines) every large class is gated, so the same image fails
+    old = QualityGate(labels, segmenter=_Painter(missed_spleen))(image, label)
+    assert not old.passed and old.failing == ["dice:spleen"] and old.ungated == []
+    # a trusted class still fails the sample when the generated image disagrees
+    wrong_liver = np.where(mask == 1, 0, mask)
+    failing = QualityGate(labels, segmenter=_Painter(wrong_liver), calibration=calibration["dice"])(image, label)
+    assert not failing.passed and failing.failing == ["dice:liver"]
+    # the threshold for trust is the gate's own min_dice
+    assert QualityGate(labels, min_dice=0.0, calibration=calibration["dice"]).trusted("spleen")
