@@ -159,15 +159,22 @@ def training_pairs(data_dir: str | Path, splits: Sequence[str]) -> tuple[Any, li
     return dataset, pairs
 
 
-def fit_quality(data_dir: str | Path, intensity: dict[str, Any], unit: str,
-                splits: Sequence[str] = ("train",)) -> dict[str, Any]:
-    """``quality.json`` record from the dataset's ``splits`` (never test) in the pipeline's output units."""
+def output_unit_pairs(data_dir: str | Path, intensity: dict[str, Any],
+                      splits: Sequence[str]) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`training_pairs` with each image mapped back to the pipeline's output units (HU for CT)."""
     from medsynth.data.transforms import IntensityMapping
-    from medsynth.pipelines.quality_gate import fit_quality_record
 
     dataset, pairs = training_pairs(data_dir, splits)
     output = IntensityMapping.from_dict(intensity)
-    cases = [(np.asarray(output.inverse(image), dtype=np.float32), label) for image, label in pairs]
+    return dataset, [(np.asarray(output.inverse(image), dtype=np.float32), label) for image, label in pairs]
+
+
+def fit_quality(data_dir: str | Path, intensity: dict[str, Any], unit: str,
+                splits: Sequence[str] = ("train",)) -> dict[str, Any]:
+    """``quality.json`` record from the dataset's ``splits`` (never test) in the pipeline's output units."""
+    from medsynth.pipelines.quality_gate import fit_quality_record
+
+    dataset, cases = output_unit_pairs(data_dir, intensity, splits)
     return fit_quality_record(cases, dataset.labels, unit, splits)
 
 
@@ -199,7 +206,6 @@ def calibrate_segmenter(data_dir: str | Path, intensity: dict[str, Any], quality
     """Score the quality record's agreement segmenter on real cases: the val split, or the
     splits it was fit on when the dataset has no labelled val case. Returns the ``calibration``
     record of ``quality.json`` (:func:`~medsynth.pipelines.quality_gate.calibration_record`)."""
-    from medsynth.data.transforms import IntensityMapping
     from medsynth.pipelines.quality_gate import calibration_record, segmenter_from_record
 
     segmenter = dict(quality["segmenter"])
@@ -207,12 +213,10 @@ def calibrate_segmenter(data_dir: str | Path, intensity: dict[str, Any], quality
         segmenter["path"] = str((Path(pipeline_dir) / segmenter["path"]).resolve())
     try:
         splits: Sequence[str] = ("val",)
-        dataset, pairs = training_pairs(data_dir, splits)
+        dataset, cases = output_unit_pairs(data_dir, intensity, splits)
     except InputError:  # no labelled val case: the training cases, which flatter a trained segmenter
         splits = tuple(quality["splits"])
-        dataset, pairs = training_pairs(data_dir, splits)
-    output = IntensityMapping.from_dict(intensity)
-    cases = [(np.asarray(output.inverse(image), dtype=np.float32), label) for image, label in pairs]
+        dataset, cases = output_unit_pairs(data_dir, intensity, splits)
     labels = {k: int(v) for k, v in dataset.labels.items() if k != "ignore"}
     return calibration_record(segmenter_from_record({"segmenter": segmenter}), cases, labels, splits)
 
