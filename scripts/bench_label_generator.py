@@ -30,7 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_JSON = REPO / "docs" / "benchmarks" / "label_generator_cpu.json"
-OUT_MD = OUT_JSON.with_suffix(".md")
 # Tolerances the benchmark checks, for classes whose median training volume is at least
 # MIN_CLASS_ML (smaller classes are a few voxels at 32^3 and reported without a verdict).
 TOLERANCE_MEDIAN = 0.20
@@ -80,12 +79,15 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=48, help="maps sampled with 10 steps")
     parser.add_argument("--long-samples", type=int, default=8, help="maps sampled with 1000 Euler steps")
     parser.add_argument("--steps", type=int, default=10, help="few-step sampler steps")
-    parser.add_argument("--ae-steps", type=int, default=400)
+    parser.add_argument("--ae-steps", type=int, default=1500)
     parser.add_argument("--dit-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("MEDSYNTH_BENCH_DIR",
                                                                           "/tmp/medsynth_bench_labels")))
     parser.add_argument("--keep", action="store_true", help="reuse the phantoms, dataset and model in --work")
+    parser.add_argument("--out", type=Path, default=OUT_JSON, help="result JSON (the markdown goes beside it)")
+    parser.add_argument("--alone", action="store_true",
+                        help="say that nothing else ran on the machine (default: timings are marked as shared)")
     args = parser.parse_args()
 
     import numpy as np
@@ -134,6 +136,12 @@ def main() -> int:
 
     few, few_s = _sample(gen, args.samples, 8, 1000, prompts)
     few_cmp = compare_statistics(train, _stats(few))
+    # Baseline in the same run: the same latents (same seeds) decoded without the volume
+    # calibration (plain argmax), as exports made before it decode them.
+    offsets, gen.class_offsets = gen.class_offsets, None
+    plain, _ = _sample(gen, args.samples, 8, 1000, prompts)
+    gen.class_offsets = offsets
+    plain_cmp = compare_statistics(train, _stats(plain))
     long_maps, long_s = _sample(gen, args.long_samples, args.long_samples, 1000, prompts, num_inference_steps=1000)
     long_cmp = compare_statistics(train, _stats(long_maps))
     # Cost per map at batch 1 (no batching advantage for any sampler).
@@ -144,7 +152,8 @@ def main() -> int:
     from medsynth.training.label_generator import encode_labels, read_label_cases, reconstruction_dice
 
     cases = read_label_cases(work / "data", 8)
-    recon = reconstruction_dice(gen.autoencoder, encode_labels(gen.autoencoder, cases.arrays), cases.arrays, LABELS)
+    recon = reconstruction_dice(gen.autoencoder, encode_labels(gen.autoencoder, cases.arrays), cases.arrays, LABELS,
+                                gen.class_offsets)
     liver = np.asarray(train["volumes_ml"]["liver"], dtype=float)
     asked = {}
     # Each attribute is asked twice: with no text (the attribute and the metadata are the only
@@ -165,30 +174,49 @@ def main() -> int:
     lesion_name = "liver_lesion"
     seen = [int(c) for c in train["lesion_counts"].get(lesion_name, [])]
     lesions = {"training_histogram": compare_statistics(train, train)["lesion_counts"][lesion_name]["reference_histogram"]}
+    held_tries = gen.lesion_count_tries
     for mode, mode_prompts in text_modes.items():
         for count in sorted({0, max(seen)}):
-            maps, _ = _sample(gen, 16, 8, 3000, mode_prompts, lesion_counts={lesion_name: count}, guidance_scale=4.0)
-            got = _stats(maps)["lesion_counts"][lesion_name]
-            lesions[f"asked_{count}_{mode}"] = {
-                "asked": count, "text": mode, "guidance_scale": 4.0, "mean": round(float(np.mean(got)), 3),
-                "exact_fraction": round(float(np.mean(np.asarray(got) == count)), 3),
-                "histogram": compare_statistics(train, {"volumes_ml": {}, "lesion_counts": {
-                    lesion_name: got}})["lesion_counts"][lesion_name]["generated_histogram"]}
+            # the model alone (no redraws, no trimming), then with the count held (the default)
+            for label, tries in (("model", 0), ("held", held_tries)):
+                gen.lesion_count_tries = tries
+                t = time.perf_counter()
+                maps, _ = _sample(gen, 16, 8, 3000, mode_prompts, lesion_counts={lesion_name: count},
+                                  guidance_scale=4.0)
+                seconds = (time.perf_counter() - t) / len(maps)
+                got = _stats(maps)["lesion_counts"][lesion_name]
+                records = [m.metadata.extra["mask_source"].get("lesion_counts") for m in maps]
+                lesions[f"asked_{count}_{mode}" + ("" if tries else "_model_alone")] = {
+                    "asked": count, "text": mode, "guidance_scale": 4.0, "lesion_count_tries": tries,
+                    "mean": round(float(np.mean(got)), 3),
+                    "exact_fraction": round(float(np.mean(np.asarray(got) == count)), 3),
+                    "histogram": compare_statistics(train, {"volumes_ml": {}, "lesion_counts": {
+                        lesion_name: got}})["lesion_counts"][lesion_name]["generated_histogram"],
+                    "mean_draws": round(float(np.mean([r["draws"] for r in records])), 2) if tries else 1.0,
+                    "lesions_removed": int(sum(r["removed"][lesion_name] for r in records)) if tries else 0,
+                    "seconds_per_map": round(seconds, 3)}
+    gen.lesion_count_tries = held_tries
 
     fit = json.loads((work / "run" / "fit_summary.json").read_text())
+    exported_training = json.loads((export / "config.json").read_text())["metadata"]["training"]["dit_training"]
     result = {
         "command": "python scripts/bench_label_generator.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "note": "2 cores shared with other jobs: timings are noisy upper bounds"},
+                    "note": "run alone on the machine" if args.alone else
+                    "2 cores shared with other jobs: timings are noisy upper bounds"},
         "data": {"phantoms": args.num, "size": args.size, "train_cases": train["num_cases"],
                  "val_cases": val["num_cases"], "grid": gen.config["grid"]},
         "training": {"autoencoder_steps": args.ae_steps, "dit_steps": args.dit_steps, "fit_seconds": fit["seconds"],
+                     "dit_region_loss": {k: exported_training.get(k) for k in ("region_classes", "region_loss_weight")},
                      "autoencoder_reconstruction_dice_train": recon},
         "tolerances": {"relative_median_difference": TOLERANCE_MEDIAN, "ks_statistic": TOLERANCE_KS,
                        "classes_with_median_ml_at_least": MIN_CLASS_ML},
         "few_step": {"steps": args.steps, "samples": args.samples, "comparison": few_cmp,
                      "within_tolerance": _verdicts(few_cmp, train)},
+        "few_step_uncalibrated": {"comparison": plain_cmp, "within_tolerance": _verdicts(plain_cmp, train)},
+        "volume_calibration": gen.config.get("decoding"),
+        "volume_calibration_fit": json.loads((export / "config.json").read_text())["metadata"].get("volume_calibration"),
         "thousand_step_euler": {"samples": args.long_samples, "comparison": long_cmp,
                                 "within_tolerance": _verdicts(long_cmp, train)},
         "real_val_vs_train": {"comparison": compare_statistics(train, val)},
@@ -200,11 +228,20 @@ def main() -> int:
                                  "speedup_vs_euler_1000_batch1": round(long_s_b1 / few_s_b1, 1)},
         "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
     }
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    OUT_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    OUT_MD.write_text(render_markdown(result))
-    print(OUT_MD.read_text())
+    out_md = args.out.with_suffix(".md")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out_md.write_text(render_markdown(result))
+    print(out_md.read_text())
     return 0
+
+
+def region_loss(r: dict) -> str:
+    """The DiT's lesion loss weight of a result, in words."""
+    region = r["training"].get("dit_region_loss") or {}
+    if not region.get("region_classes") or (region.get("region_loss_weight") or 1) == 1:
+        return "none"
+    return f"{region['region_loss_weight']:g}x in {', '.join(region['region_classes'])}"
 
 
 def render_markdown(r: dict) -> str:
@@ -212,12 +249,14 @@ def render_markdown(r: dict) -> str:
     lines = ["# Label generator: CPU benchmark", "",
              f"Command: `{r['command']}` (total {r['timings']['total_s']} s).", "",
              f"Machine: {r['machine']['cpu_cores']} CPU cores, torch {r['machine']['torch']} on "
-             f"{r['machine']['torch_threads']} thread(s), {r['machine']['platform']}. **The cores were shared with "
-             f"other jobs while this ran, so every timing is a noisy upper bound.**", "",
+             f"{r['machine']['torch_threads']} thread(s), {r['machine']['platform']}. "
+             + ("It ran alone on the machine." if r["machine"].get("note") == "run alone on the machine" else
+                "**The cores were shared with other jobs while this ran, so every timing is a noisy upper bound.**"),
+             "",
              f"Data: {r['data']['phantoms']} CT phantoms at {r['data']['size']}^3 (`medsynth phantoms` + `prepare`); "
              f"the label generator trains on the {r['data']['train_cases']} train cases only "
              f"({r['training']['autoencoder_steps']} autoencoder + {r['training']['dit_steps']} DiT steps, "
-             f"{r['training']['fit_seconds']} s).", "",
+             f"{r['training']['fit_seconds']} s; DiT loss weight in lesion voxels: {region_loss(r)}).", "",
              "Label autoencoder reconstruction Dice on the train maps (the ceiling for what the DiT can "
              "make): " + ", ".join(f"{k} {v}" for k, v in r["training"]["autoencoder_reconstruction_dice_train"].items())
              + ".", "",
@@ -225,17 +264,32 @@ def render_markdown(r: dict) -> str:
              "", f"Tolerance: relative median difference <= {r['tolerances']['relative_median_difference']} and KS <= "
              f"{r['tolerances']['ks_statistic']}, for classes with a median of at least "
              f"{r['tolerances']['classes_with_median_ml_at_least']} mL.", "",
-             "| class | train median mL | generated median mL | rel. diff | KS | 1000-step KS | real val KS | within |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| class | train median mL | generated median mL | rel. diff | KS | within | uncalibrated: median mL "
+             "/ rel. diff / KS | within | 1000-step KS | real val KS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     few, long_, val = r["few_step"]["comparison"]["volumes"], r["thousand_step_euler"]["comparison"]["volumes"], \
         r["real_val_vs_train"]["comparison"]["volumes"]
-    verdict = r["few_step"]["within_tolerance"]
+    plain = r.get("few_step_uncalibrated", r["few_step"])
+    verdict, plain_verdict = r["few_step"]["within_tolerance"], plain["within_tolerance"]
+
+    def mark(v: dict, name: str) -> str:
+        return "yes" if v.get(name) else ("no" if name in v else "-")
+
     for name, row in few.items():
+        p = plain["comparison"]["volumes"][name]
         lines.append(f"| {name} | {row['reference_median_ml']} | {row['generated_median_ml']} | "
-                     f"{row['relative_median_difference']} | {row['ks_statistic']} | {long_[name]['ks_statistic']} | "
-                     f"{val[name]['ks_statistic']} | {'yes' if verdict.get(name) else ('no' if name in verdict else '-')} |")
-    lines += ["", "\"real val KS\": the val split's real maps against train, i.e. how far two real samples of "
-              "this size already are.", "", "## Attributes", ""]
+                     f"{row['relative_median_difference']} | {row['ks_statistic']} | {mark(verdict, name)} | "
+                     f"{p['generated_median_ml']} / {p['relative_median_difference']} / {p['ks_statistic']} | "
+                     f"{mark(plain_verdict, name)} | {long_[name]['ks_statistic']} | {val[name]['ks_statistic']} |")
+    fit = r.get("volume_calibration_fit")
+    lines += ["", "\"uncalibrated\": the same latents decoded by plain argmax, without the decoder's per-class "
+              "logit offsets (exports made before the volume calibration). \"real val KS\": the val split's real "
+              "maps against train, i.e. how far two real samples of this size already are."]
+    if fit:
+        lines += ["", "Volume calibration (decoded / true volume of the training maps after the autoencoder's round "
+                  "trip): before " + ", ".join(f"{k} {v}" for k, v in fit["volume_ratio_before"].items())
+                  + "; after " + ", ".join(f"{k} {v}" for k, v in fit["volume_ratio_after"].items()) + "."]
+    lines += ["", "## Attributes", ""]
     for key, row in r["attributes"]["liver_size"].items():
         lines.append(f"- liver size quantile {row['asked_quantile']} ({row.get('text', 'training prompts')}, guidance "
                      f"{row['guidance_scale']}): generated "
@@ -246,8 +300,12 @@ def render_markdown(r: dict) -> str:
     lines.append(f"- liver lesions in training maps (count: cases): {les['training_histogram']}")
     for key, row in les.items():
         if key.startswith("asked_"):
+            how = ("the model alone" if row.get("lesion_count_tries") == 0 else
+                   f"count held: {row.get('mean_draws', 1)} draws per map on average, "
+                   f"{row.get('lesions_removed', 0)} surplus lesions removed, {row.get('seconds_per_map', '?')} s per map"
+                   if "lesion_count_tries" in row else "the model alone")
             lines.append(f"- asked for {row.get('asked', key[6:])} lesion(s) ({row.get('text', 'training prompts')}, "
-                         f"guidance {row.get('guidance_scale', 1.0)}): mean {row['mean']}, exactly "
+                         f"guidance {row.get('guidance_scale', 1.0)}; {how}): mean {row['mean']}, exactly "
                          f"{row.get('asked', key[6:])} in "
                          f"{row['exact_fraction']:.0%} of maps, histogram {row['histogram']}")
     c = r["cost_seconds_per_map"]

@@ -89,3 +89,21 @@ def test_denoise_bf16_autocast_is_close_to_fp32() -> None:
     assert (half - full).abs().mean() < 0.05 * full.abs().mean()
     with pytest.raises(ConfigError, match="autocast_dtype"):
         denoise(model, make_scheduler("rectified_flow"), shape, num_inference_steps=1, autocast_dtype=torch.int8)
+
+
+def test_label_generator_bench_page_renders_from_its_record():
+    """The committed label generator record renders: the calibrated/uncalibrated columns, the
+    calibration ratios, the lesion loss weight, and lesion counts of the model alone and held."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_label_generator as bench
+    finally:
+        sys.path.pop(0)
+    record = json.loads((REPO / "docs" / "benchmarks" / "label_generator_cpu.json").read_text())
+    page = bench.render_markdown(record)
+    assert "uncalibrated: median mL" in page and "Volume calibration" in page
+    assert "DiT loss weight in lesion voxels: 20x in liver_lesion" in page
+    assert "the model alone" in page and "count held" in page
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    for name, verdict in record["few_step"]["within_tolerance"].items():
+        assert rows[name].split("|")[6].strip() == ("yes" if verdict else "no")

@@ -165,20 +165,38 @@ class LabelAutoencoder(nn.Module):
         latent = self.encode(onehot)
         return self.decode(latent), latent
 
-    @torch.no_grad()
-    def decode_labels(self, latent: Tensor, allowed: Sequence[int] | None = None) -> Tensor:
-        """Latent ``(B, L, x, y, z)`` -> integer label map ``(B, X, Y, Z)`` (argmax of the logits).
+    def allowed_logits(self, logits: Tensor, allowed: Sequence[int] | None = None,
+                       class_offsets: Sequence[float] | Tensor | None = None) -> Tensor:
+        """Logits ``(B, K, X, Y, Z)`` as :meth:`decode_labels` takes their argmax.
 
         Args:
             allowed: label values that may appear (the dataset's table); the logits of the other
-                channels are masked, so the map never holds a value the dataset does not define.
+                channels are set to -inf, so the map never holds a value the dataset does not define.
+            class_offsets: ``K`` values added to the logits of each class (the volume calibration
+                of :func:`medsynth.training.label_generator.fit_class_offsets`); None adds nothing.
         """
-        logits = self.decode(latent)  # (B, K, X, Y, Z)
+        if class_offsets is not None:
+            offsets = torch.as_tensor(class_offsets, dtype=logits.dtype, device=logits.device)
+            if offsets.shape != (self.config.num_classes,):
+                raise ConfigError(f"expects {self.config.num_classes} class offsets (one per label value), but got "
+                                  f"shape {tuple(offsets.shape)}")
+            logits = logits + offsets[None, :, None, None, None]
         if allowed is not None:
             keep = torch.zeros(self.config.num_classes, dtype=torch.bool, device=logits.device)
             keep[[int(v) for v in allowed]] = True
             logits = logits.masked_fill(~keep[None, :, None, None, None], float("-inf"))
-        return logits.argmax(dim=1)
+        return logits
+
+    @torch.no_grad()
+    def decode_labels(self, latent: Tensor, allowed: Sequence[int] | None = None,
+                      class_offsets: Sequence[float] | Tensor | None = None) -> Tensor:
+        """Latent ``(B, L, x, y, z)`` -> integer label map ``(B, X, Y, Z)`` (argmax of the logits).
+
+        Args:
+            allowed: label values that may appear (see :meth:`allowed_logits`).
+            class_offsets: per-class logit offsets (see :meth:`allowed_logits`).
+        """
+        return self.allowed_logits(self.decode(latent), allowed, class_offsets).argmax(dim=1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -180,4 +180,37 @@ def insert_lesions(label: Volume, specs: Sequence[LesionSpec], labels: Mapping[s
     return result, records
 
 
-__all__ = ["LesionSpec", "parse_lesion_specs", "insert_lesions", "LESION_FORMAT"]
+def keep_largest_lesions(array: np.ndarray, value: int, keep: int) -> tuple[np.ndarray, int]:
+    """Keep the ``keep`` largest lesions (26-connected components of ``value``) of a label map.
+
+    Every other component is filled with the label that surrounds it most (the commonest value in
+    its one-voxel shell, never ``value`` itself), so the host organ closes over it as if it had
+    never been drawn.
+
+    Args:
+        array: ``(X, Y, Z)`` integer label map (not modified).
+        value: the lesion class's label value.
+        keep: how many components to keep (>= 0).
+
+    Returns:
+        ``(new map, number of components removed)``.
+    """
+    from medsynth.evaluation.label_statistics import STRUCTURE_26
+
+    components, found = ndimage.label(np.asarray(array) == value, structure=STRUCTURE_26)
+    if found <= keep:
+        return np.asarray(array), 0
+    out = np.array(array, copy=True)
+    sizes = np.bincount(components.ravel(), minlength=found + 1)[1:]
+    # largest first; equal sizes keep the lower component index, so the choice is deterministic
+    order = np.lexsort((np.arange(found), -sizes))
+    for index in order[keep:]:
+        component = components == index + 1
+        shell = ndimage.binary_dilation(component, structure=STRUCTURE_26) & ~component
+        around = out[shell]
+        around = around[around != value]
+        out[component] = np.bincount(around.astype(np.int64)).argmax() if around.size else 0
+    return out, int(found - keep)
+
+
+__all__ = ["LesionSpec", "parse_lesion_specs", "insert_lesions", "keep_largest_lesions", "LESION_FORMAT"]

@@ -68,6 +68,10 @@ class LabelAETrainingConfig:
         class_weighting: "none", or "sqrt_inverse": cross-entropy weights ``sqrt(total / count)``
             per class in the batch, for classes of a few voxels (lesions) that plain
             cross-entropy + Dice can leave out.
+        calibrate_volumes: after training, fit per-class logit offsets so that the decoded
+            training maps hold each class's training volume (:func:`fit_class_offsets`). Class
+            weighting and soft Dice push the argmax towards small classes: without it the tiny
+            autoencoder decodes the phantoms' spine 1.39x and lesions 2.9x too large.
         seed: global seed.
     """
 
@@ -77,6 +81,7 @@ class LabelAETrainingConfig:
     dice_weight: float = 1.0
     latent_noise: float = 0.1
     class_weighting: str = "none"
+    calibrate_volumes: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -269,20 +274,44 @@ class LabelMapDataset(Dataset):
 
 class LabelLatentDataset(Dataset):
     """Items ``{"latent": (L, x, y, z), "prompt", "metadata"}`` for :class:`DiTModule`, with each
-    attribute hidden at random (``drop_rate``) in ``metadata["attributes"]``."""
+    attribute hidden at random (``drop_rate``) in ``metadata["attributes"]``; with ``maps``, also
+    ``"label": (X, Y, Z)`` (the label map itself, for the DiT's region loss weights)."""
 
     def __init__(self, latents: Tensor, prompts: Sequence[str], records: Sequence[Mapping[str, Any]],
-                 attributes: Sequence[Mapping[str, float]], drop_rate: float) -> None:
+                 attributes: Sequence[Mapping[str, float]], drop_rate: float,
+                 maps: Sequence[np.ndarray] | None = None) -> None:
         self.latents, self.prompts, self.records = latents, list(prompts), [dict(r) for r in records]
         self.attributes, self.drop_rate = [dict(a) for a in attributes], float(drop_rate)
+        self.maps = None if maps is None else [torch.from_numpy(np.asarray(m, dtype=np.int64)) for m in maps]
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         kept = {k: v for k, v in self.attributes[index].items() if float(torch.rand(())) >= self.drop_rate}
-        return {"latent": self.latents[index], "prompt": self.prompts[index],
+        item = {"latent": self.latents[index], "prompt": self.prompts[index],
                 "metadata": {**self.records[index], "attributes": kept}}
+        if self.maps is not None:
+            item["label"] = self.maps[index]
+        return item
+
+
+# In dit_training.region_classes of a label generator config, this entry stands for every lesion
+# class of the dataset (medsynth.evaluation.label_statistics.lesion_classes), so one config serves
+# CT (liver_lesion) and MR (tumour_core, ...) datasets.
+LESION_CLASSES_ENTRY = "lesions"
+
+
+def resolve_region_classes(classes: Sequence[str], labels: Mapping[str, int]) -> list[str]:
+    """``dit_training.region_classes`` with :data:`LESION_CLASSES_ENTRY` replaced by the dataset's
+    lesion classes (kept as is when the dataset has a label of that very name)."""
+    from medsynth.evaluation.label_statistics import lesion_classes
+
+    out: list[str] = []
+    for name in classes:
+        expanded = lesion_classes(labels) if name == LESION_CLASSES_ENTRY and name not in labels else [name]
+        out += [n for n in expanded if n not in out]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,20 +457,99 @@ def encode_labels(model: LabelAutoencoder, arrays: Sequence[np.ndarray], batch_s
 
 @torch.no_grad()
 def reconstruction_dice(model: LabelAutoencoder, latents: Tensor, arrays: Sequence[np.ndarray],
-                        labels: Mapping[str, int]) -> dict[str, float]:
-    """Per-class Dice of the autoencoder's reconstruction of the training maps (pooled over cases)."""
-    recon = model.decode_labels(latents.to(next(model.parameters()).device),
-                                allowed=sorted(labels.values())).cpu().numpy()  # (N, X, Y, Z)
-    truth = np.stack(arrays)
-    out = {}
-    for name, value in labels.items():
-        if value == 0:
-            continue
-        a, b = recon == value, truth == value
-        total = int(a.sum() + b.sum())
-        if total:
-            out[name] = round(2.0 * float((a & b).sum()) / total, 4)
-    return out
+                        labels: Mapping[str, int], class_offsets: Sequence[float] | None = None,
+                        batch_size: int = 4) -> dict[str, float]:
+    """Per-class Dice of the autoencoder's reconstruction of the training maps (pooled over cases),
+    decoded with ``class_offsets`` (see :func:`fit_class_offsets`) when given."""
+    inter, total = Counter(), Counter()
+    device = next(model.parameters()).device
+    for i in range(0, len(arrays), batch_size):
+        recon = model.decode_labels(latents[i:i + batch_size].to(device), allowed=sorted(labels.values()),
+                                    class_offsets=class_offsets).cpu().numpy()  # (B, X, Y, Z)
+        truth = np.stack(arrays[i:i + batch_size])
+        for name, value in labels.items():
+            a, b = recon == value, truth == value
+            inter[name] += int((a & b).sum())
+            total[name] += int(a.sum() + b.sum())
+    return {name: round(2.0 * inter[name] / total[name], 4) for name, value in labels.items()
+            if value != 0 and total[name]}
+
+
+@dataclass
+class VolumeCalibration:
+    """Result of :func:`fit_class_offsets`.
+
+    Attributes:
+        class_offsets: ``K`` logit offsets, one per label value (0 for values the dataset lacks).
+        volume_ratio_before, volume_ratio_after: per class name, decoded / true voxel count over
+            the calibration maps without and with the offsets (1.0 = the training volume).
+        cases: how many training maps it was fit on.
+    """
+
+    class_offsets: list[float]
+    volume_ratio_before: dict[str, float]
+    volume_ratio_after: dict[str, float]
+    cases: int
+
+
+@torch.no_grad()
+def fit_class_offsets(model: LabelAutoencoder, latents: Tensor, arrays: Sequence[np.ndarray],
+                      labels: Mapping[str, int], max_cases: int = 32, iterations: int = 60, rate: float = 0.5,
+                      max_offset: float = 4.0, batch_size: int = 4) -> VolumeCalibration:
+    """Per-class logit offsets under which the decoded training maps hold the training volumes.
+
+    Why: the label autoencoder is trained with class-weighted cross-entropy and soft Dice, which
+    both move the decision boundary towards the smaller class; its argmax then over-segments
+    small and thin classes (tiny config on CT phantoms: spine 1.39x, lesions 2.9x, body 0.93x).
+    Adding ``b_k`` to the logits of class ``k`` undoes that prior shift: starting from 0, each
+    iteration adds ``rate * log((true + 1) / (decoded + 1))`` per class, bounded to
+    ``[-max_offset, max_offset]``. The shapes stay the autoencoder's; only the class volumes move.
+
+    Only voxels whose two largest logits lie within ``2 * max_offset`` of each other can change
+    class under such offsets, so only those are kept in memory: the fit is exact, and cheap.
+
+    Args:
+        latents: ``(N, L, x, y, z)`` encodings of ``arrays``.
+        arrays: the training label maps ``(X, Y, Z)`` (int).
+        labels: the dataset's table; values outside it are never decoded.
+        max_cases: fit on at most this many maps, evenly spaced (bounds memory on large datasets).
+    """
+    device = next(model.parameters()).device
+    k = model.config.num_classes
+    allowed = sorted(int(v) for v in labels.values())
+    chosen = np.unique(np.linspace(0, len(arrays) - 1, min(len(arrays), max_cases)).round().astype(int))
+    target, settled = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    open_voxels = []
+    for start in range(0, len(chosen), batch_size):
+        idx = chosen[start:start + batch_size]
+        logits = model.allowed_logits(model.decode(latents[idx].to(device)), allowed).float().cpu()
+        flat = logits.permute(0, 2, 3, 4, 1).reshape(-1, k)  # (voxels, K)
+        top = flat.topk(min(2, k), dim=1).values
+        sure = (top[:, 0] - top[:, -1]) > 2 * max_offset
+        settled += torch.bincount(flat[sure].argmax(dim=1), minlength=k).double()
+        open_voxels.append(flat[~sure])
+        truth = torch.from_numpy(np.stack([np.asarray(arrays[i]) for i in idx]).astype(np.int64)).reshape(-1)
+        target += torch.bincount(truth, minlength=k).double()
+    undecided = torch.cat(open_voxels)
+
+    def decoded(offsets: Tensor) -> Tensor:
+        return settled + torch.bincount((undecided + offsets).argmax(dim=1), minlength=k).double()
+
+    present = torch.zeros(k, dtype=torch.bool)
+    present[allowed] = True
+    offsets = torch.zeros(k)
+    before = decoded(offsets)
+    for _ in range(iterations):
+        step = rate * torch.log((target + 1) / (decoded(offsets) + 1)).float()
+        offsets = torch.where(present, offsets + step, offsets).clamp(-max_offset, max_offset)
+    # argmax is unchanged by a common shift: anchor the first value at 0 (values outside the table stay 0)
+    offsets = torch.where(present, offsets - offsets[allowed[0]], torch.zeros_like(offsets))
+    after = decoded(offsets)
+
+    def ratios(counts: Tensor) -> dict[str, float]:
+        return {name: round(float(counts[v] / target[v]), 3) for name, v in labels.items() if target[v] > 0}
+
+    return VolumeCalibration([round(float(o), 4) for o in offsets], ratios(before), ratios(after), len(chosen))
 
 
 def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: Mapping[str, Any],
@@ -507,7 +615,11 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
         autoencoder, ae_steps = ae_module.model.cpu().eval().requires_grad_(False), int(ae_module.global_step)
 
     latents = encode_labels(autoencoder, data.arrays)  # (N, L, x, y, z)
-    recon_dice = reconstruction_dice(autoencoder, latents, data.arrays, data.labels)
+    calibration = None
+    if ae_train.calibrate_volumes:
+        calibration = fit_class_offsets(autoencoder, latents, data.arrays, data.labels)
+    offsets = None if calibration is None else calibration.class_offsets
+    recon_dice = reconstruction_dice(autoencoder, latents, data.arrays, data.labels, offsets)
     scale = float(1.0 / max(float(latents.std()), 1e-6))
     attributes = data.attribute_values(names)
     dit_dict.update(in_channels=autoencoder.config.latent_channels, attributes=list(names))
@@ -515,14 +627,17 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     objective = dict(run_config.get("objective") or {"name": "rectified_flow"})
     sampling = {"sampler": None, "num_inference_steps": 10, "guidance_scale": 1.0, "shift": 1.0,
                 **dict(run_config.get("sampling") or {})}
+    dit_train.region_classes = resolve_region_classes(dit_train.region_classes, data.labels)
     L.seed_everything(dit_train.seed, workers=True)
-    dit_module = DiTModule(dit_dict, text_cfg, objective, dit_train.to_dict(), sampling, {"scale_factor": scale})
+    dit_module = DiTModule(dit_dict, text_cfg, objective, dit_train.to_dict(), sampling, {"scale_factor": scale},
+                           labels=data.labels)
     for case_id, record in zip(data.case_ids, data.records):  # fail before training, naming the case
         try:
             dit_module.model.encode_metadata([record])
         except ConfigError as err:
             raise ConfigError(f"train case {case_id!r}: {err}; fix its metadata (prompts.jsonl)") from None
-    dataset = LabelLatentDataset(latents * scale, data.prompts, data.records, attributes, attr_cfg.drop_rate)
+    dataset = LabelLatentDataset(latents * scale, data.prompts, data.records, attributes, attr_cfg.drop_rate,
+                                 maps=data.arrays if dit_train.weights_regions else None)
     trainer = step_trainer(out, dit_train.max_steps, out / "checkpoints" / "dit",
                            [_RecordStage("dit", autoencoder, ae_steps)], precision=dit_train.precision,
                            **trainer_options)
@@ -535,12 +650,14 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     record = {"labels": data.labels, "objective": objective, "sampling": sampling,
               "grid": {"shape": list(data.shape), "spacing": list(data.spacing)},
               "latent": {"scale_factor": scale, "downsample_factor": factor},
+              "decoding": {"class_offsets": offsets},
               "metadata_defaults": {"modality": data.records[0].get("modality"),
                                     "region": regions.most_common(1)[0][0] if regions else None},
               "statistics": {**data.statistics, "splits": ["train"], "case_ids": data.case_ids}}
     metadata = {"dataset": data.source, "trained_steps": {"autoencoder": ae_steps,
                                                           "dit": int(dit_module.global_step)},
                 "autoencoder_reconstruction_dice": recon_dice,
+                "volume_calibration": None if calibration is None else asdict(calibration),
                 "training": {"autoencoder_training": asdict(ae_train), "dit_training": dit_train.to_dict(),
                              "attributes": asdict(attr_cfg)}}
     return save_label_generator(out / "export", autoencoder, copy.deepcopy(dit_module.ema).cpu().eval(),
@@ -566,7 +683,7 @@ def _carried_autoencoder(record: Mapping[str, Any], ae_dict: Mapping[str, Any],
 
 
 __all__ = ["LabelAETrainingConfig", "AttributeConfig", "LabelCases", "read_label_cases", "LabelMapDataset",
-           "LabelLatentDataset", "LabelAutoencoderModule", "soft_dice_loss", "save_label_generator",
-           "load_label_generator", "fit_label_generator", "parse_label_config", "encode_labels",
-           "reconstruction_dice", "read_stage_checkpoint", "KIND", "STAGE_KEY",
-           "VOLUME_PREFIX", "LESION_PREFIX", "SECTIONS"]
+           "LabelLatentDataset", "LESION_CLASSES_ENTRY", "resolve_region_classes", "LabelAutoencoderModule",
+           "soft_dice_loss", "save_label_generator", "load_label_generator", "fit_label_generator",
+           "parse_label_config", "encode_labels", "reconstruction_dice", "fit_class_offsets", "VolumeCalibration",
+           "read_stage_checkpoint", "KIND", "STAGE_KEY", "VOLUME_PREFIX", "LESION_PREFIX", "SECTIONS"]

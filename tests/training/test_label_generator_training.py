@@ -147,6 +147,9 @@ def test_export_round_trip_records_training_statistics(export, data):
     assert config["statistics"]["case_ids"] == sorted(data.splits["train"]) and config["statistics"]["splits"] == ["train"]
     assert config["labels"] == data.labels and config["grid"]["shape"] == [16, 16, 16]
     assert "volume:liver" in config["dit"]["attributes"] and "lesions:liver_lesion" in config["dit"]["attributes"]
+    # the decoder's volume calibration is stored with the model, one offset per label value
+    assert len(config["decoding"]["class_offsets"]) == max(data.labels.values()) + 1
+    assert set(record["metadata"]["volume_calibration"]["volume_ratio_after"]) <= set(data.labels)
     ae, dit, encoder, exp = load_label_generator(export)
     again = save_label_generator(export.parent / "again", ae, dit, encoder,
                                  {k: config[k] for k in ("labels", "grid", "latent", "statistics", "sampling")})
@@ -159,6 +162,108 @@ def test_export_round_trip_records_training_statistics(export, data):
     other = save_export(export.parent / "other", torch.nn.Linear(2, 2), "dit", {})
     with pytest.raises(InputError, match="'dit' model, but a 'label_generator'"):
         load_label_generator(other)
+
+
+def test_lesion_region_weighting_of_the_label_dit(data, tmp_path):
+    """``region_classes: [lesions]`` names every lesion class; the DiT's loss then weighs latent
+    voxels holding a lesion by ``region_loss_weight`` (the items carry their label maps)."""
+    from medsynth.training.dit import DiTModule, collate_latents, text_encoder_config_for
+    from medsynth.training.label_generator import (LabelLatentDataset, fit_label_generator, read_label_cases,
+                                                   resolve_region_classes)
+
+    assert resolve_region_classes(["lesions", "spleen"], data.labels) == ["liver_lesion", "spleen"]
+    assert resolve_region_classes(["lesions"], {"background": 0, "lesions": 1}) == ["lesions"]  # a real label
+    assert resolve_region_classes(["lesions"], {"background": 0, "liver": 1}) == []  # no lesion class: no weighting
+    cases = read_label_cases(data.root, 4)
+    lesion = data.labels["liver_lesion"]
+    with_lesion = [i for i, a in enumerate(cases.arrays) if (a == lesion).any()]
+    assert with_lesion, "the fixture needs a training map with a lesion"
+    latents = torch.zeros(len(cases.arrays), 4, *(s // 4 for s in cases.shape))
+    names = ("lesions:liver_lesion",)
+    dataset = LabelLatentDataset(latents, cases.prompts, cases.records, cases.attribute_values(names), 0.0,
+                                 maps=cases.arrays)
+    assert torch.equal(dataset[0]["label"], torch.from_numpy(cases.arrays[0]))
+    batch = collate_latents([dataset[i] for i in with_lesion[:1]])
+
+    def loss(weight: float) -> float:
+        torch.manual_seed(0)
+        module = DiTModule({**SMALL["dit"], "in_channels": 4, "attributes": list(names)},
+                           text_encoder_config_for(SMALL["text_encoder"], cases.prompts),
+                           {"name": "rectified_flow"}, {"region_classes": ["liver_lesion"], "region_loss_weight": weight},
+                           labels=data.labels)
+        torch.manual_seed(1)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            return float(module.training_step(batch, 0))
+
+    assert loss(50.0) > 1.5 * loss(1.0)  # the lesion's latent voxel dominates once weighted
+    # and the whole fit accepts the entry (CT phantoms: it becomes liver_lesion)
+    config = {**SMALL, "dit_training": {**SMALL["dit_training"], "region_classes": ["lesions"],
+                                        "region_loss_weight": 10.0}}
+    export = fit_label_generator(data.root, tmp_path / "weighted", config, accelerator="cpu", devices=1)
+    record = json.loads((export / "config.json").read_text())
+    assert record["metadata"]["training"]["dit_training"]["region_classes"] == ["liver_lesion"]
+
+
+class _BiasedDecoder(torch.nn.Module):
+    """Stand-in label autoencoder whose logits favour class 2 at every boundary: blurred one-hot
+    maps (passed in as the "latent") plus a prior of +1.2 on class 2, as class weighting gives."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        from medsynth.models.label_generator import LabelAutoencoder, LabelAutoencoderConfig
+
+        self.inner = LabelAutoencoder(LabelAutoencoderConfig(num_classes=num_classes, channels=(4,), num_groups=4))
+        self.config = self.inner.config
+        self.prior = torch.zeros(num_classes)
+        self.prior[2] = 1.2
+
+    def decode(self, latent):
+        blurred = torch.nn.functional.avg_pool3d(latent, 3, stride=1, padding=1, count_include_pad=False)
+        return 3.0 * blurred + self.prior[None, :, None, None, None]
+
+    def allowed_logits(self, *args, **kwargs):
+        return self.inner.allowed_logits(*args, **kwargs)
+
+    def decode_labels(self, latent, allowed=None, class_offsets=None):
+        return self.allowed_logits(self.decode(latent), allowed, class_offsets).argmax(dim=1)
+
+
+def test_volume_calibration_undoes_a_class_prior_exactly():
+    from medsynth.training.label_generator import fit_class_offsets, reconstruction_dice
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), axis=-1)
+    arrays = []
+    for _ in range(5):
+        label = np.zeros((16, 16, 16), dtype=np.int64)
+        label[np.linalg.norm(grid - rng.uniform(6, 10, 3), axis=-1) < rng.uniform(5, 7)] = 1
+        label[np.linalg.norm(grid - rng.uniform(6, 10, 3), axis=-1) < rng.uniform(2, 3)] = 2
+        arrays.append(label)
+    labels = {"background": 0, "organ": 1, "lesion": 2}  # value 3 is not in the table
+    model = _BiasedDecoder(num_classes=4)
+    latents = torch.nn.functional.one_hot(torch.from_numpy(np.stack(arrays)), 4).permute(0, 4, 1, 2, 3).float()
+
+    calibration = fit_class_offsets(model, latents, arrays, labels, max_cases=4, batch_size=2)
+
+    assert calibration.cases == 4
+    assert calibration.volume_ratio_before["lesion"] > 1.2  # the prior inflates the small class
+    # within 5 %: a few-voxel class moves by whole boundary shells
+    assert all(abs(r - 1) < 0.05 for r in calibration.volume_ratio_after.values()), calibration
+    assert calibration.class_offsets[0] == 0 and calibration.class_offsets[2] < calibration.class_offsets[1]
+    # "after" is what decoding with the offsets really gives (the settled voxels are not approximated)
+    chosen = [0, 1, 3, 4]  # evenly spaced over 5 maps
+    decoded = model.decode_labels(latents[chosen], allowed=[0, 1, 2], class_offsets=calibration.class_offsets)
+    truth = np.stack([arrays[i] for i in chosen])
+    for name, value in labels.items():
+        assert (decoded.numpy() == value).sum() / (truth == value).sum() == pytest.approx(
+            calibration.volume_ratio_after[name], abs=1e-3)
+    assert not (decoded == 3).any()
+    plain = reconstruction_dice(model, latents, arrays, labels)
+    calibrated = reconstruction_dice(model, latents, arrays, labels, calibration.class_offsets)
+    assert calibrated["lesion"] > plain["lesion"]
+    with pytest.raises(ConfigError, match="expects 4 class offsets"):
+        model.decode_labels(latents[:1], class_offsets=[0.0, 1.0])
 
 
 def test_sampled_maps_use_known_labels_on_the_requested_grid(export, data):
@@ -179,6 +284,63 @@ def test_sampled_maps_use_known_labels_on_the_requested_grid(export, data):
     np.testing.assert_array_equal(again.array, maps[0].array)  # deterministic per seed
     native = gen(None)[0]
     assert native.shape == (16, 16, 16)
+
+
+def _map_with_lesions(radii: list[float]) -> np.ndarray:
+    """16^3 map: body (1) holding a liver (3) holding one ball of liver_lesion (9) per radius (voxels)."""
+    grid = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), axis=-1)
+    label = np.ones((16, 16, 16), dtype=np.int64)
+    label[np.linalg.norm(grid - 7.5, axis=-1) < 7] = 3
+    centres = [(4, 7, 7), (11, 7, 7), (7, 4, 11), (7, 11, 4)]
+    for radius, centre in zip(radii, centres):
+        label[np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius] = 9
+    return label
+
+
+def test_keep_largest_lesions_fills_the_rest_with_the_host():
+    from medsynth.evaluation.label_statistics import case_statistics
+    from medsynth.pipelines.lesions import keep_largest_lesions
+
+    labels = {"background": 0, "body": 1, "liver": 3, "liver_lesion": 9}
+    label = _map_with_lesions([2.2, 1.0, 1.5])
+    assert case_statistics(label, labels, (1, 1, 1))["lesion_counts"]["liver_lesion"] == 3
+    kept, removed = keep_largest_lesions(label, 9, 1)
+    assert removed == 2 and case_statistics(kept, labels, (1, 1, 1))["lesion_counts"]["liver_lesion"] == 1
+    assert (kept[4, 7, 7] == 9) and kept[11, 7, 7] == 3 and kept[7, 4, 11] == 3  # the largest stays, the host closes
+    assert np.array_equal(kept == 9, (label == 9) & (kept == 9)) and not np.array_equal(kept, label)
+    assert ((kept != label) <= (label == 9)).all()  # only lesion voxels changed
+    same, none_removed = keep_largest_lesions(label, 9, 5)
+    assert none_removed == 0 and np.array_equal(same, label)
+    cleared, all_removed = keep_largest_lesions(label, 9, 0)
+    assert all_removed == 3 and not (cleared == 9).any() and (cleared[label == 9] == 3).all()
+
+
+def test_asked_lesion_counts_are_held_by_redrawing_and_trimming(export):
+    from medsynth.pipelines.label_generator_source import LabelGenerator
+
+    gen = LabelGenerator.from_pretrained(export)
+    draws = iter([_map_with_lesions([2.2, 1.5, 1.0]), _map_with_lesions([2.0, 1.2])])
+    # one lesion drawn, two asked: a second draw with three is kept and trimmed to its two largest
+    held, record = gen._hold_lesion_counts(_map_with_lesions([1.5]), {"liver_lesion": 2}, lambda: next(draws))
+    assert record == {"asked": {"liver_lesion": 2}, "drawn": {"liver_lesion": 3}, "draws": 2,
+                      "removed": {"liver_lesion": 1}, "met": True}
+    assert held[4, 7, 7] == 9 and held[11, 7, 7] == 9 and held[7, 4, 11] == 3
+    # a draw budget that cannot reach the count keeps the best draw and says so
+    gen.lesion_count_tries = 2
+    short, record = gen._hold_lesion_counts(_map_with_lesions([]), {"liver_lesion": 2},
+                                            lambda: _map_with_lesions([1.5]))
+    assert record["met"] is False and record["draws"] == 2 and record["drawn"] == {"liver_lesion": 1}
+    assert (short == 9).sum() == (_map_with_lesions([1.5]) == 9).sum()
+    # end to end: zero lesions asked -> none in any map, and the record travels with the map
+    gen.lesion_count_tries = 8
+    maps = gen(["CT abdomen"] * 2, [torch.Generator().manual_seed(s) for s in (0, 1)],
+               lesion_counts={"liver_lesion": 0}, guidance_scale=1.0)
+    for volume in maps:
+        info = volume.metadata.extra["mask_source"]["lesion_counts"]
+        assert info["met"] and info["draws"] == 1 and not (volume.array == 9).any()
+    gen.lesion_count_tries = 0  # the model's own maps, untouched and unrecorded
+    plain = gen("CT abdomen", [torch.Generator().manual_seed(0)], lesion_counts={"liver_lesion": 0})[0]
+    assert "lesion_counts" not in plain.metadata.extra["mask_source"]
 
 
 @pytest.mark.parametrize("request_, fragment", [
