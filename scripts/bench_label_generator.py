@@ -124,7 +124,7 @@ def main() -> int:
     from medsynth.diffusion import make_scheduler
     from medsynth.evaluation.label_statistics import compare_statistics, volume_quantile
     from medsynth.io.reader import read_volume
-    from medsynth.pipelines.label_generator_source import LabelGenerator
+    from medsynth.pipelines.label_generator_source import SIZE_QUANTILE_TOLERANCE, LabelGenerator
 
     global LABELS
     gen = LabelGenerator.from_pretrained(export)
@@ -160,42 +160,51 @@ def main() -> int:
     # conditions) and with the training prompts, which state the lesion finding themselves
     # ("liver lesion 14 mm" / "no lesion") and so may contradict the asked-for count.
     text_modes = {"no text": [None], "training prompts": prompts}
+    held_draws = gen.max_draws
     for mode, mode_prompts in text_modes.items():
         for guidance in (1.0, 4.0):
             for q in (0.1, 0.9):
-                maps, _ = _sample(gen, 16, 8, 2000, mode_prompts, volume_quantiles={"liver": q},
-                                  guidance_scale=guidance)
-                vols = _stats(maps)["volumes_ml"]["liver"]
-                asked[f"liver_q{q}_guidance{guidance:g}_{mode}"] = {
-                    "asked_quantile": q, "guidance_scale": guidance, "text": mode,
-                    "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
-                    "generated_median_ml": round(float(np.median(vols)), 1),
-                    "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))), 3)}
+                # the model alone; at guidance 4 also with the size held (redraws up to max_draws)
+                for draws in (0, held_draws) if guidance == 4.0 else (0,):
+                    gen.max_draws = draws
+                    maps, _ = _sample(gen, 16, 8, 2000, mode_prompts, volume_quantiles={"liver": q},
+                                      guidance_scale=guidance)
+                    vols = _stats(maps)["volumes_ml"]["liver"]
+                    quantiles = [volume_quantile(liver, float(v)) for v in vols]
+                    asked[f"liver_q{q}_guidance{guidance:g}_{mode}" + ("_held" if draws else "")] = {
+                        "asked_quantile": q, "guidance_scale": guidance, "text": mode, "max_draws": draws,
+                        "training_volume_at_quantile_ml": round(float(np.quantile(liver, q)), 1),
+                        "generated_median_ml": round(float(np.median(vols)), 1),
+                        "generated_median_as_training_quantile": round(volume_quantile(liver, float(np.median(vols))),
+                                                                       3),
+                        "within_tolerance_fraction": round(float(np.mean(
+                            np.abs(np.asarray(quantiles) - q) <= SIZE_QUANTILE_TOLERANCE)), 3)}
+    gen.max_draws = held_draws
     lesion_name = "liver_lesion"
     seen = [int(c) for c in train["lesion_counts"].get(lesion_name, [])]
     lesions = {"training_histogram": compare_statistics(train, train)["lesion_counts"][lesion_name]["reference_histogram"]}
-    held_tries = gen.lesion_count_tries
     for mode, mode_prompts in text_modes.items():
         for count in sorted({0, max(seen)}):
             # the model alone (no redraws, no trimming), then with the count held (the default)
-            for label, tries in (("model", 0), ("held", held_tries)):
-                gen.lesion_count_tries = tries
+            for tries in (0, held_draws):
+                gen.max_draws = tries
                 t = time.perf_counter()
                 maps, _ = _sample(gen, 16, 8, 3000, mode_prompts, lesion_counts={lesion_name: count},
                                   guidance_scale=4.0)
                 seconds = (time.perf_counter() - t) / len(maps)
                 got = _stats(maps)["lesion_counts"][lesion_name]
-                records = [m.metadata.extra["mask_source"].get("lesion_counts") for m in maps]
+                records = [m.metadata.extra["mask_source"].get("held") for m in maps]
                 lesions[f"asked_{count}_{mode}" + ("" if tries else "_model_alone")] = {
-                    "asked": count, "text": mode, "guidance_scale": 4.0, "lesion_count_tries": tries,
+                    "asked": count, "text": mode, "guidance_scale": 4.0, "max_draws": tries,
                     "mean": round(float(np.mean(got)), 3),
                     "exact_fraction": round(float(np.mean(np.asarray(got) == count)), 3),
                     "histogram": compare_statistics(train, {"volumes_ml": {}, "lesion_counts": {
                         lesion_name: got}})["lesion_counts"][lesion_name]["generated_histogram"],
                     "mean_draws": round(float(np.mean([r["draws"] for r in records])), 2) if tries else 1.0,
-                    "lesions_removed": int(sum(r["removed"][lesion_name] for r in records)) if tries else 0,
+                    "lesions_removed": int(sum(r["lesion_counts"]["removed"][lesion_name] for r in records))
+                    if tries else 0,
                     "seconds_per_map": round(seconds, 3)}
-    gen.lesion_count_tries = held_tries
+    gen.max_draws = held_draws
 
     fit = json.loads((work / "run" / "fit_summary.json").read_text())
     exported_training = json.loads((export / "config.json").read_text())["metadata"]["training"]["dit_training"]
@@ -291,19 +300,22 @@ def render_markdown(r: dict) -> str:
                   + "; after " + ", ".join(f"{k} {v}" for k, v in fit["volume_ratio_after"].items()) + "."]
     lines += ["", "## Attributes", ""]
     for key, row in r["attributes"]["liver_size"].items():
+        how = f"; size held, up to {row['max_draws']} draws" if row.get("max_draws") else "; the model alone"
+        within = (f"; {row['within_tolerance_fraction']:.0%} of maps within 0.1 of the asked quantile"
+                  if "within_tolerance_fraction" in row else "")
         lines.append(f"- liver size quantile {row['asked_quantile']} ({row.get('text', 'training prompts')}, guidance "
-                     f"{row['guidance_scale']}): generated "
+                     f"{row['guidance_scale']}{how}): generated "
                      f"median {row['generated_median_ml']} mL "
                      f"(training volume at that quantile {row['training_volume_at_quantile_ml']} mL; the generated "
-                     f"median sits at training quantile {row['generated_median_as_training_quantile']})")
+                     f"median sits at training quantile {row['generated_median_as_training_quantile']}{within})")
     les = r["attributes"]["lesion_count"]
     lines.append(f"- liver lesions in training maps (count: cases): {les['training_histogram']}")
     for key, row in les.items():
         if key.startswith("asked_"):
-            how = ("the model alone" if row.get("lesion_count_tries") == 0 else
+            draws = row.get("max_draws", row.get("lesion_count_tries", 0))  # older records: lesion_count_tries
+            how = ("the model alone" if not draws else
                    f"count held: {row.get('mean_draws', 1)} draws per map on average, "
-                   f"{row.get('lesions_removed', 0)} surplus lesions removed, {row.get('seconds_per_map', '?')} s per map"
-                   if "lesion_count_tries" in row else "the model alone")
+                   f"{row.get('lesions_removed', 0)} surplus lesions removed, {row.get('seconds_per_map', '?')} s per map")
             lines.append(f"- asked for {row.get('asked', key[6:])} lesion(s) ({row.get('text', 'training prompts')}, "
                          f"guidance {row.get('guidance_scale', 1.0)}; {how}): mean {row['mean']}, exactly "
                          f"{row.get('asked', key[6:])} in "

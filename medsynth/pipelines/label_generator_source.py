@@ -15,13 +15,15 @@ Attributes steer the map: ``volume_quantiles={"liver": 0.9}`` asks for a liver a
 Requests the model cannot honour are refused: labels it never saw, classes without a size
 attribute, quantiles outside [0, 1], lesion counts outside the training range.
 
-Asked lesion counts are *held*, not just steered (the DiT alone gets them right only part of the
-time: docs/benchmarks/label_generator_cpu.md): a map with fewer lesions than asked is drawn again
-from fresh noise, up to ``lesion_count_tries`` draws in all, keeping the draw with the most; then
-the largest lesions up to the asked count are kept and any further ones are filled with the tissue
-around them (:func:`medsynth.pipelines.lesions.keep_largest_lesions`). Each map records its draws,
-the lesions it removed and whether the count was met (``metadata.extra["mask_source"]
-["lesion_counts"]``); ``lesion_count_tries=0`` returns the model's own maps unchanged.
+Asked lesion counts and sizes are *held*, not just steered (the DiT alone gets them right only
+part of the time: docs/benchmarks/label_generator_cpu.md): a map that misses a request is drawn
+again from fresh noise, up to ``max_draws`` draws in all, and the best draw is kept (fewest missing
+lesions first, then the size quantiles closest to the asked ones). In it the largest lesions up to
+the asked count are kept and any further ones are filled with the tissue around them
+(:func:`medsynth.pipelines.lesions.keep_largest_lesions`); a size counts as met within
+:data:`SIZE_QUANTILE_TOLERANCE` of the asked quantile. Each map records its draws, the lesions it
+drew and removed, the size quantiles it reached and whether every request was met
+(``metadata.extra["mask_source"]["held"]``); ``max_draws=0`` returns the model's own maps unchanged.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ from medsynth.errors import ConfigError
 from medsynth.io.volume import Volume, VolumeMetadata
 from medsynth.models.label_generator import LESION_PREFIX, VOLUME_PREFIX
 
-# Draws per map when a lesion count is asked: the tiny model on CT phantoms has 2 or more lesions
-# in ~45 % of the maps asked for 2, so 8 draws meet the count ~99 % of the time (at ~0.1-0.3 s each).
-DEFAULT_LESION_COUNT_TRIES = 8
+# Draws per map when a lesion count or a size is asked: the tiny model on CT phantoms has 2 or more
+# lesions in ~45 % of the maps asked for 2, so 8 draws meet the count ~99 % of the time (at ~0.1-0.3 s each).
+DEFAULT_MAX_DRAWS = 8
+# A held size request is met when the map's volume quantile among the training cases is within this
+# of the asked one (0.1 = one decile).
+SIZE_QUANTILE_TOLERANCE = 0.1
 
 
 def parse_attribute_items(items: Sequence[str], option: str, integer: bool = False) -> dict[str, float]:
@@ -75,8 +80,8 @@ class LabelGenerator:
     Attributes: ``autoencoder``, ``dit``, ``text_encoder``, ``labels`` (name -> value),
     ``native_shape`` / ``native_spacing`` (the training grid), ``statistics`` (training labels),
     ``sampling`` (default sampler settings), ``attributes`` (the DiT's attribute names),
-    ``class_offsets`` (the decoder's per-class logit offsets, or None), ``lesion_count_tries``
-    (draws per map to meet an asked lesion count; 0 = the model's own maps, see module docstring),
+    ``class_offsets`` (the decoder's per-class logit offsets, or None), ``max_draws`` (draws per map
+    to meet asked lesion counts and sizes; 0 = the model's own maps, see module docstring),
     ``sha256`` (of the weights), ``path``.
     """
 
@@ -98,7 +103,7 @@ class LabelGenerator:
         # Volume calibration of the decoder (training.label_generator.fit_class_offsets); exports
         # written before it existed decode with plain argmax.
         self.class_offsets = dict(config.get("decoding") or {}).get("class_offsets")
-        self.lesion_count_tries = DEFAULT_LESION_COUNT_TRIES
+        self.max_draws = DEFAULT_MAX_DRAWS
         self.sha256, self.path, self.device = sha256, path, torch.device(device)
 
     @classmethod
@@ -244,11 +249,12 @@ class LabelGenerator:
             return decoded.cpu().numpy()
 
         label = draw(list(range(batch)))  # (B, X, Y, Z) at native spacing
-        asked = {name[len(LESION_PREFIX):]: int(v) for name, v in attributes.items() if name.startswith(LESION_PREFIX)}
-        count_records: list[dict[str, Any] | None] = [None] * batch
-        if asked and self.lesion_count_tries > 0:
+        lesions = {name[len(LESION_PREFIX):]: int(v) for name, v in attributes.items() if name.startswith(LESION_PREFIX)}
+        sizes = {name[len(VOLUME_PREFIX):]: float(v) for name, v in attributes.items() if name.startswith(VOLUME_PREFIX)}
+        held: list[dict[str, Any] | None] = [None] * batch
+        if (lesions or sizes) and self.max_draws > 0:
             for i in range(batch):
-                label[i], count_records[i] = self._hold_lesion_counts(label[i], asked, lambda i=i: draw([i])[0])
+                label[i], held[i] = self._hold_requests(label[i], lesions, sizes, lambda i=i: draw([i])[0])
         dtype = np.uint8 if max(self.labels.values()) < 256 else np.uint16
         target = (size_, centred_ras_affine(size_, spacing_))
         out = []
@@ -260,40 +266,54 @@ class LabelGenerator:
             volume.metadata.extra["mask_source"] = {
                 "kind": "generator", "sha256": self.sha256, "prompt": prompts[i], "num_inference_steps": steps,
                 "guidance_scale": guidance, "attributes": attributes, "native_grid": list(native)}
-            if count_records[i] is not None:
-                volume.metadata.extra["mask_source"]["lesion_counts"] = count_records[i]
+            if held[i] is not None:
+                volume.metadata.extra["mask_source"]["held"] = held[i]
             out.append(volume)
         return out
 
-    def _hold_lesion_counts(self, label: np.ndarray, asked: Mapping[str, int],
-                            redraw: Callable[[], np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
-        """Meet the asked lesion counts on one native map ``(X, Y, Z)`` (see module docstring).
+    def _hold_requests(self, label: np.ndarray, lesions: Mapping[str, int], sizes: Mapping[str, float],
+                       redraw: Callable[[], np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Meet asked lesion counts (class -> count) and size quantiles (class -> quantile) on one
+        native map ``(X, Y, Z)`` (see module docstring); ``redraw()`` gives a fresh map of the same
+        request.
 
-        ``redraw()`` gives a fresh map of the same request. Returns the map and a record
-        ``{"asked", "drawn" (lesions per class in the kept draw), "draws", "removed", "met"}``.
+        Returns:
+            The kept map and ``{"draws", "met", "lesion_counts": {"asked", "drawn", "removed"},
+            "size_quantiles": {"asked", "reached", "tolerance"}}`` (each part only when asked).
         """
-        from medsynth.evaluation.label_statistics import STRUCTURE_26
-        from medsynth.pipelines.lesions import keep_largest_lesions
         from scipy import ndimage
 
-        def found(candidate: np.ndarray) -> dict[str, int]:
-            return {name: int(ndimage.label(candidate == self.labels[name], structure=STRUCTURE_26)[1])
-                    for name in asked}
+        from medsynth.evaluation.label_statistics import STRUCTURE_26, volume_quantile
+        from medsynth.pipelines.lesions import keep_largest_lesions
 
-        def shortfall(counts: Mapping[str, int]) -> int:
-            return sum(max(0, asked[name] - counts[name]) for name in asked)
+        voxel_ml = float(np.prod(self.native_spacing)) / 1000.0
 
-        best, best_counts, draws = label, found(label), 1
-        while shortfall(best_counts) > 0 and draws < self.lesion_count_tries:
-            candidate = redraw()
-            counts, draws = found(candidate), draws + 1
-            if shortfall(counts) < shortfall(best_counts):
-                best, best_counts = candidate, counts
-        removed = {}
-        for name, count in asked.items():
-            best, removed[name] = keep_largest_lesions(best, self.labels[name], count)
-        return best, {"asked": dict(asked), "drawn": best_counts, "draws": draws, "removed": removed,
-                      "met": shortfall(best_counts) == 0}
+        def judge(candidate: np.ndarray) -> dict[str, Any]:
+            drawn = {name: int(ndimage.label(candidate == self.labels[name], structure=STRUCTURE_26)[1])
+                     for name in lesions}
+            removed = {}
+            for name, count in lesions.items():
+                candidate, removed[name] = keep_largest_lesions(candidate, self.labels[name], count)
+            reached = {name: round(volume_quantile(self.statistics["volumes_ml"][name],
+                                                   float((candidate == self.labels[name]).sum()) * voxel_ml), 3)
+                       for name in sizes}
+            missing = sum(max(0, lesions[name] - drawn[name]) for name in lesions)
+            error = max([abs(reached[name] - sizes[name]) for name in sizes], default=0.0)
+            # fewest missing lesions first, then sizes within tolerance, then the closest sizes
+            rank = (missing, max(0.0, error - SIZE_QUANTILE_TOLERANCE), error)
+            return {"map": candidate, "drawn": drawn, "removed": removed, "reached": reached, "rank": rank}
 
+        best, draws = judge(label), 1
+        while best["rank"][:2] != (0, 0.0) and draws < self.max_draws:
+            candidate, draws = judge(redraw()), draws + 1
+            if candidate["rank"] < best["rank"]:
+                best = candidate
+        record: dict[str, Any] = {"draws": draws, "met": best["rank"][:2] == (0, 0.0)}
+        if lesions:
+            record["lesion_counts"] = {"asked": dict(lesions), "drawn": best["drawn"], "removed": best["removed"]}
+        if sizes:
+            record["size_quantiles"] = {"asked": dict(sizes), "reached": best["reached"],
+                                        "tolerance": SIZE_QUANTILE_TOLERANCE}
+        return best["map"], record
 
-__all__ = ["LabelGenerator", "parse_attribute_items"]
+__all__ = ["LabelGenerator", "parse_attribute_items", "DEFAULT_MAX_DRAWS", "SIZE_QUANTILE_TOLERANCE"]

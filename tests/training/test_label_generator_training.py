@@ -286,11 +286,11 @@ def test_sampled_maps_use_known_labels_on_the_requested_grid(export, data):
     assert native.shape == (16, 16, 16)
 
 
-def _map_with_lesions(radii: list[float]) -> np.ndarray:
+def _map_with_lesions(radii: list[float], liver_radius: float = 7.0) -> np.ndarray:
     """16^3 map: body (1) holding a liver (3) holding one ball of liver_lesion (9) per radius (voxels)."""
     grid = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), axis=-1)
     label = np.ones((16, 16, 16), dtype=np.int64)
-    label[np.linalg.norm(grid - 7.5, axis=-1) < 7] = 3
+    label[np.linalg.norm(grid - 7.5, axis=-1) < liver_radius] = 3
     centres = [(4, 7, 7), (11, 7, 7), (7, 4, 11), (7, 11, 4)]
     for radius, centre in zip(radii, centres):
         label[np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius] = 9
@@ -307,7 +307,6 @@ def test_keep_largest_lesions_fills_the_rest_with_the_host():
     kept, removed = keep_largest_lesions(label, 9, 1)
     assert removed == 2 and case_statistics(kept, labels, (1, 1, 1))["lesion_counts"]["liver_lesion"] == 1
     assert (kept[4, 7, 7] == 9) and kept[11, 7, 7] == 3 and kept[7, 4, 11] == 3  # the largest stays, the host closes
-    assert np.array_equal(kept == 9, (label == 9) & (kept == 9)) and not np.array_equal(kept, label)
     assert ((kept != label) <= (label == 9)).all()  # only lesion voxels changed
     same, none_removed = keep_largest_lesions(label, 9, 5)
     assert none_removed == 0 and np.array_equal(same, label)
@@ -315,32 +314,43 @@ def test_keep_largest_lesions_fills_the_rest_with_the_host():
     assert all_removed == 3 and not (cleared == 9).any() and (cleared[label == 9] == 3).all()
 
 
-def test_asked_lesion_counts_are_held_by_redrawing_and_trimming(export):
+def test_asked_lesion_counts_and_sizes_are_held_by_redrawing_and_trimming(export):
     from medsynth.pipelines.label_generator_source import LabelGenerator
 
     gen = LabelGenerator.from_pretrained(export)
     draws = iter([_map_with_lesions([2.2, 1.5, 1.0]), _map_with_lesions([2.0, 1.2])])
     # one lesion drawn, two asked: a second draw with three is kept and trimmed to its two largest
-    held, record = gen._hold_lesion_counts(_map_with_lesions([1.5]), {"liver_lesion": 2}, lambda: next(draws))
-    assert record == {"asked": {"liver_lesion": 2}, "drawn": {"liver_lesion": 3}, "draws": 2,
-                      "removed": {"liver_lesion": 1}, "met": True}
+    held, record = gen._hold_requests(_map_with_lesions([1.5]), {"liver_lesion": 2}, {}, lambda: next(draws))
+    assert record == {"draws": 2, "met": True, "lesion_counts": {"asked": {"liver_lesion": 2},
+                                                                 "drawn": {"liver_lesion": 3},
+                                                                 "removed": {"liver_lesion": 1}}}
     assert held[4, 7, 7] == 9 and held[11, 7, 7] == 9 and held[7, 4, 11] == 3
     # a draw budget that cannot reach the count keeps the best draw and says so
-    gen.lesion_count_tries = 2
-    short, record = gen._hold_lesion_counts(_map_with_lesions([]), {"liver_lesion": 2},
-                                            lambda: _map_with_lesions([1.5]))
-    assert record["met"] is False and record["draws"] == 2 and record["drawn"] == {"liver_lesion": 1}
+    gen.max_draws = 2
+    short, record = gen._hold_requests(_map_with_lesions([]), {"liver_lesion": 2}, {},
+                                       lambda: _map_with_lesions([1.5]))
+    assert record["met"] is False and record["draws"] == 2 and record["lesion_counts"]["drawn"] == {"liver_lesion": 1}
     assert (short == 9).sum() == (_map_with_lesions([1.5]) == 9).sum()
+    # sizes: training livers of radius 3..7 voxels at 1 mm; a radius-3 draw sits at quantile 0.1,
+    # so asking for 0.9 draws again until a radius-7 liver comes
+    gen.max_draws = 8
+    gen.native_spacing = (1.0, 1.0, 1.0)
+    gen.statistics = {**gen.statistics, "volumes_ml": {**gen.statistics["volumes_ml"], "liver": [
+        float((_map_with_lesions([], r) == 3).sum()) / 1000.0 for r in (3, 4, 5, 6, 7)]}}
+    sizes = iter([_map_with_lesions([], 4), _map_with_lesions([], 7)])
+    big, record = gen._hold_requests(_map_with_lesions([], 3), {}, {"liver": 0.9}, lambda: next(sizes))
+    assert record["draws"] == 3 and record["met"] and record["size_quantiles"]["reached"] == {"liver": 0.9}
+    assert (big == 3).sum() == (_map_with_lesions([], 7) == 3).sum()
+    gen = LabelGenerator.from_pretrained(export)
     # end to end: zero lesions asked -> none in any map, and the record travels with the map
-    gen.lesion_count_tries = 8
     maps = gen(["CT abdomen"] * 2, [torch.Generator().manual_seed(s) for s in (0, 1)],
                lesion_counts={"liver_lesion": 0}, guidance_scale=1.0)
     for volume in maps:
-        info = volume.metadata.extra["mask_source"]["lesion_counts"]
+        info = volume.metadata.extra["mask_source"]["held"]
         assert info["met"] and info["draws"] == 1 and not (volume.array == 9).any()
-    gen.lesion_count_tries = 0  # the model's own maps, untouched and unrecorded
+    gen.max_draws = 0  # the model's own maps, untouched and unrecorded
     plain = gen("CT abdomen", [torch.Generator().manual_seed(0)], lesion_counts={"liver_lesion": 0})[0]
-    assert "lesion_counts" not in plain.metadata.extra["mask_source"]
+    assert "held" not in plain.metadata.extra["mask_source"]
 
 
 @pytest.mark.parametrize("request_, fragment", [
