@@ -207,7 +207,8 @@ def main() -> int:
     gen.max_draws = held_draws
 
     fit = json.loads((work / "run" / "fit_summary.json").read_text())
-    exported_training = json.loads((export / "config.json").read_text())["metadata"]["training"]["dit_training"]
+    export_metadata = json.loads((export / "config.json").read_text())["metadata"]
+    exported_training = export_metadata["training"]["dit_training"]
     result = {
         "command": "python scripts/bench_label_generator.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
@@ -225,7 +226,7 @@ def main() -> int:
                      "within_tolerance": _verdicts(few_cmp, train)},
         "few_step_uncalibrated": {"comparison": plain_cmp, "within_tolerance": _verdicts(plain_cmp, train)},
         "volume_calibration": gen.config.get("decoding"),
-        "volume_calibration_fit": json.loads((export / "config.json").read_text())["metadata"].get("volume_calibration"),
+        "volume_calibration_fit": export_metadata.get("volume_calibration"),
         "thousand_step_euler": {"samples": args.long_samples, "comparison": long_cmp,
                                 "within_tolerance": _verdicts(long_cmp, train)},
         "real_val_vs_train": {"comparison": compare_statistics(train, val)},

@@ -281,19 +281,16 @@ class LabelGenerator:
             The kept map and ``{"draws", "met", "lesion_counts": {"asked", "drawn", "removed"},
             "size_quantiles": {"asked", "reached", "tolerance"}}`` (each part only when asked).
         """
-        from scipy import ndimage
-
-        from medsynth.evaluation.label_statistics import STRUCTURE_26, volume_quantile
+        from medsynth.evaluation.label_statistics import volume_quantile
         from medsynth.pipelines.lesions import keep_largest_lesions
 
         voxel_ml = float(np.prod(self.native_spacing)) / 1000.0
 
         def judge(candidate: np.ndarray) -> dict[str, Any]:
-            drawn = {name: int(ndimage.label(candidate == self.labels[name], structure=STRUCTURE_26)[1])
-                     for name in lesions}
-            removed = {}
+            drawn, removed = {}, {}
             for name, count in lesions.items():
-                candidate, removed[name] = keep_largest_lesions(candidate, self.labels[name], count)
+                candidate, drawn[name] = keep_largest_lesions(candidate, self.labels[name], count)
+                removed[name] = max(0, drawn[name] - count)
             reached = {name: round(volume_quantile(self.statistics["volumes_ml"][name],
                                                    float((candidate == self.labels[name]).sum()) * voxel_ml), 3)
                        for name in sizes}
@@ -315,5 +312,6 @@ class LabelGenerator:
             record["size_quantiles"] = {"asked": dict(sizes), "reached": best["reached"],
                                         "tolerance": SIZE_QUANTILE_TOLERANCE}
         return best["map"], record
+
 
 __all__ = ["LabelGenerator", "parse_attribute_items", "DEFAULT_MAX_DRAWS", "SIZE_QUANTILE_TOLERANCE"]

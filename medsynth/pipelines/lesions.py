@@ -193,13 +193,13 @@ def keep_largest_lesions(array: np.ndarray, value: int, keep: int) -> tuple[np.n
         keep: how many components to keep (>= 0).
 
     Returns:
-        ``(new map, number of components removed)``.
+        ``(new map, number of components found)``; ``max(0, found - keep)`` of them were removed.
     """
     from medsynth.evaluation.label_statistics import STRUCTURE_26
 
     components, found = ndimage.label(np.asarray(array) == value, structure=STRUCTURE_26)
     if found <= keep:
-        return np.asarray(array), 0
+        return np.asarray(array), int(found)
     out = np.array(array, copy=True)
     sizes = np.bincount(components.ravel(), minlength=found + 1)[1:]
     # largest first; equal sizes keep the lower component index, so the choice is deterministic
@@ -210,7 +210,7 @@ def keep_largest_lesions(array: np.ndarray, value: int, keep: int) -> tuple[np.n
         around = out[shell]
         around = around[around != value]
         out[component] = np.bincount(around.astype(np.int64)).argmax() if around.size else 0
-    return out, int(found - keep)
+    return out, int(found)
 
 
 __all__ = ["LesionSpec", "parse_lesion_specs", "insert_lesions", "keep_largest_lesions", "LESION_FORMAT"]

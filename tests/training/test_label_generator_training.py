@@ -304,14 +304,14 @@ def test_keep_largest_lesions_fills_the_rest_with_the_host():
     labels = {"background": 0, "body": 1, "liver": 3, "liver_lesion": 9}
     label = _map_with_lesions([2.2, 1.0, 1.5])
     assert case_statistics(label, labels, (1, 1, 1))["lesion_counts"]["liver_lesion"] == 3
-    kept, removed = keep_largest_lesions(label, 9, 1)
-    assert removed == 2 and case_statistics(kept, labels, (1, 1, 1))["lesion_counts"]["liver_lesion"] == 1
+    kept, found = keep_largest_lesions(label, 9, 1)
+    assert found == 3 and case_statistics(kept, labels, (1, 1, 1))["lesion_counts"]["liver_lesion"] == 1
     assert (kept[4, 7, 7] == 9) and kept[11, 7, 7] == 3 and kept[7, 4, 11] == 3  # the largest stays, the host closes
     assert ((kept != label) <= (label == 9)).all()  # only lesion voxels changed
-    same, none_removed = keep_largest_lesions(label, 9, 5)
-    assert none_removed == 0 and np.array_equal(same, label)
-    cleared, all_removed = keep_largest_lesions(label, 9, 0)
-    assert all_removed == 3 and not (cleared == 9).any() and (cleared[label == 9] == 3).all()
+    same, found = keep_largest_lesions(label, 9, 5)
+    assert found == 3 and np.array_equal(same, label)
+    cleared, found = keep_largest_lesions(label, 9, 0)
+    assert found == 3 and not (cleared == 9).any() and (cleared[label == 9] == 3).all()
 
 
 def test_asked_lesion_counts_and_sizes_are_held_by_redrawing_and_trimming(export):
