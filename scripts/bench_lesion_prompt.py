@@ -20,6 +20,12 @@ question where it can be answered at the same scale (32^3, CPU, minutes):
 4. Text-only samples (the same seeds for both prompts) for a prompt asking for a lesion and one
    asking for none; the lesion rate of each, a two-sided Fisher exact test between them, and a
    figure of the samples with the judge's lesion voxels outlined.
+5. With ``--via-masks``, the same two prompts through the pipeline's other text route (what
+   ``medsynth generate --prompt ... --mask-source generator`` does): a label generator
+   (``configs/labels/tiny.yaml``) trained on the training label maps and their prompts draws a
+   label map from the prompt, and a ControlNet (``configs/controlnet/tiny.yaml``) over the frozen
+   DiT draws the image from the prompt and that map. Reported: the maps that hold a lesion, and
+   the images the same judges find one in, per prompt.
 
 Everything trains here, on the CPU; nothing downloads.
 
@@ -130,6 +136,62 @@ def spread(volumes: list[np.ndarray]) -> float:
     return round(float(np.std(np.stack(volumes), axis=0).mean()), 4)
 
 
+def sample_masked(dit, encoder, controlnet, autoencoder, scale: float, prompt: str, meta: dict,
+                  maps: list[np.ndarray], steps: int, guidance: float, mask_guidance: float,
+                  latent_shape: tuple[int, ...], seed: int) -> list[np.ndarray]:
+    """One decoded image ``(X, Y, Z)`` (model range) per label map ``(X, Y, Z)``, from the prompt and
+    the map: the pipeline's ControlNet path (text and mask guided separately), seeded as ``sample``."""
+    from medsynth.diffusion import make_scheduler
+    from medsynth.models.controlnet import make_block_residuals_fn, one_hot_mask
+    from medsynth.pipelines.sampling import Conditions, denoise
+
+    n = len(maps)
+    with torch.no_grad():
+        text = encoder.encode([prompt] * n)
+        metadata = dit.encode_metadata([meta] * n)
+        onehot = one_hot_mask(torch.from_numpy(np.stack(maps).astype(np.int64)), int(controlnet.config.num_classes))
+    hook = make_block_residuals_fn(controlnet, onehot, text, metadata, guide_mask=True)
+    z = denoise(dit, make_scheduler("rectified_flow"), (n, *latent_shape), Conditions(text, metadata), steps,
+                guidance, torch.Generator().manual_seed(seed), block_residuals_fn=hook,
+                mask_guidance_scale=mask_guidance)
+    with torch.no_grad():
+        volumes = autoencoder.decode(z / scale).clamp(-1, 1)
+    return [v[0].numpy() for v in volumes]
+
+
+def lesion_components(label: np.ndarray, lesion: int) -> int:
+    """Connected lesion regions (26-connectivity) in a label map."""
+    from scipy import ndimage
+
+    return int(ndimage.label(label == lesion, structure=np.ones((3, 3, 3)))[1])
+
+
+def mask_route_row(prompt: str, maps: list[np.ndarray], judged: list[tuple[int, dict]], lesion: int,
+                   min_voxels: int) -> dict:
+    """One prompt's mask-route samples: the label maps' lesions and what the judges find in the images.
+
+    ``judged``: per image, the segmenter's lesion voxel count and the spot rule's verdict."""
+    components = [lesion_components(m, lesion) for m in maps]
+    counts = [c for c, _ in judged]
+    found = [bool(s["detected"]) for _, s in judged]
+    return {"prompt": prompt, "samples": len(maps), "maps_with_lesion": int(sum(c > 0 for c in components)),
+            "map_lesions": components, "map_lesion_voxels": [int((m == lesion).sum()) for m in maps],
+            "with_lesion": int(sum(c >= min_voxels for c in counts)), "lesion_voxels": counts,
+            "with_spot": int(sum(found)), "spot_found": found, "spot_scores": [s["score"] for _, s in judged]}
+
+
+def mask_route_summary(label_guidance: float, rows: dict) -> dict:
+    """Both prompts' mask-route counts at one label-generator guidance, with Fisher p for maps and judges."""
+    a, b = rows["lesion_prompt"], rows["no_lesion_prompt"]
+    n = a["samples"]
+    return {"label_guidance": label_guidance, "samples": n,
+            "maps": [a["maps_with_lesion"], b["maps_with_lesion"]],
+            "segmenter": [a["with_lesion"], b["with_lesion"]], "spot": [a["with_spot"], b["with_spot"]],
+            "fisher_p_maps": round(fisher_p(a["maps_with_lesion"], n, b["maps_with_lesion"], n), 5),
+            "fisher_p": round(fisher_p(a["with_lesion"], n, b["with_lesion"], n), 5),
+            "fisher_p_spot": round(fisher_p(a["with_spot"], n, b["with_spot"], n), 5)}
+
+
 def sweep_row(guidance: float, rows: dict) -> dict:
     """Both prompts' lesion counts at one guidance scale, by both judges, with the Fisher p of each."""
     a, b = rows["lesion_prompt"], rows["no_lesion_prompt"]
@@ -143,8 +205,9 @@ def sweep_row(guidance: float, rows: dict) -> dict:
                                   else round(float(np.median(r["spot_scores"])), 4) for r in (a, b)]}
 
 
-def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
-    """Central axial slice (through the judged lesion when there is one) of the first samples of each prompt."""
+def figure(rows: dict, out_png: Path, per_row: int = 6, title_of=None, suptitle: str | None = None) -> Path:
+    """Central axial slice (through ``masks`` -- the judged lesion, or the map's -- when there is one) of the
+    first samples of each prompt; ``title_of(row, column)`` names each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,12 +226,12 @@ def figure(rows: dict, out_png: Path, per_row: int = 6) -> Path:
             ax.imshow(np.rot90(volume[:, :, z]), cmap="gray", vmin=-1, vmax=1)
             if mask[:, :, z].any():
                 ax.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors=["red"], linewidths=0.8)
-            ax.set_title(f"{rows[key]['lesion_voxels'][c]} vox" + (", spot" if rows[key]["spot_found"][c] else ""),
-                         fontsize=8)
+            title = (title_of(rows[key], c) if title_of is not None
+                     else f"{rows[key]['lesion_voxels'][c]} vox" + (", spot" if rows[key]["spot_found"][c] else ""))
+            ax.set_title(title, fontsize=8)
         axes[r][0].set_ylabel("asks for a lesion" if r == 0 else "asks for none", fontsize=9)
-    fig.suptitle("text-only samples, same seeds per column; red: the segmenter's lesion voxels; 'spot': the spot "
-                 "rule fires "
-                 "(window [-200, 300] HU)", fontsize=9)
+    fig.suptitle((suptitle or "text-only samples, same seeds per column; red: the segmenter's lesion voxels; "
+                  "'spot': the spot rule fires") + " (window [-200, 300] HU)", fontsize=9)
     fig.tight_layout()
     from medsynth.evaluation.figures import save_figure
 
@@ -217,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the DiT's loss weight inside liver lesions (training.region_loss_weight with "
                              "region_classes [liver_lesion]); 1 = unweighted (the earlier pages); results get a "
                              "_dwW suffix")
+    parser.add_argument("--via-masks", action="store_true",
+                        help="also measure the pipeline's mask route (--mask-source generator): a label generator "
+                             "draws a map from each prompt, a ControlNet over the DiT draws the image from prompt "
+                             "and map; results get a _masks suffix")
+    parser.add_argument("--controlnet-steps", type=int, default=2500, help="ControlNet training steps (--via-masks)")
+    parser.add_argument("--label-steps", type=int, default=None,
+                        help="label generator steps per stage (--via-masks; default: configs/labels/tiny.yaml's)")
+    parser.add_argument("--label-guidance", type=float, nargs="+", default=[1.0, 4.0],
+                        help="label generator guidance scale(s) (--via-masks); images are drawn from the maps of each")
+    parser.add_argument("--mask-guidance", type=float, default=3.0,
+                        help="the ControlNet's mask guidance (--via-masks; configs/controlnet/tiny.yaml's default)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
@@ -225,15 +299,20 @@ def main(argv: list[str] | None = None) -> int:
             + (f"_f{args.latent_factor}" if args.latent_factor != 4 else "")
             + (f"_dw{args.dit_region_weight:g}" if args.dit_region_weight != 1 else "")
             + (f"_dit{args.dit_steps}" if args.dit_steps != DEFAULT_DIT_STEPS else "")
-            + (f"_n{args.num}" if args.num > 96 else ""))
+            + (f"_n{args.num}" if args.num > 96 else "")
+            + ("_masks" if args.via_masks else ""))
     if args.dit_region_weight < 1:
         parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
     if any(g < 1 for g in args.guidance):
         parser.error(f"--guidance must be >= 1 (1 = no guidance), got {args.guidance}")
     if args.size % 32:
         parser.error(f"--size must be a multiple of 32 (the tiny autoencoder's patch), got {args.size}")
+    if any(g < 1 for g in args.label_guidance) or args.mask_guidance < 1:
+        parser.error(f"--label-guidance and --mask-guidance must be >= 1 (1 = no guidance), got "
+                     f"{args.label_guidance} and {args.mask_guidance:g}")
     if args.quick:
         args.num, args.ae_steps, args.dit_steps, args.judge_steps, args.samples, args.steps = 8, 4, 4, 4, 2, 2
+        args.controlnet_steps, args.label_steps = 4, 4
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     from bench_modality import fit_autoencoder, sample, write_cache
@@ -318,7 +397,18 @@ def main(argv: list[str] | None = None) -> int:
                     "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
                     "volumes": volumes, "masks": masks}
         rows = sweep[args.guidance[0]]
+        route = (mask_route(args, work, export, dit, encoder, autoencoder, scale, meta, latent_shape, timings,
+                            lambda v: segment(judge, v), spot, lesion) if args.via_masks else None)
     png = figure(rows, args.out / "figures" / f"{stem}.png")
+    route_png = None
+    if route is not None:
+        route_png = figure(route.pop("headline"), args.out / "figures" / f"{stem}_route.png",
+                           title_of=lambda row, c: (f"map {row['map_lesions'][c]} les., {row['lesion_voxels'][c]} vox"
+                                                    + (", spot" if row["spot_found"][c] else "")),
+                           suptitle="prompt -> label generator -> ControlNet, same seeds per column; red: the "
+                                    "lesion of the label map; 'map k les.': lesions in the map; 'vox': the "
+                                    "segmenter's lesion voxels; 'spot': the spot rule fires")
+        route["figure"] = str(route_png)
     sweep_rows = [sweep_row(g, sweep[g]) for g in args.guidance]
     train_lesion = sum(bool((labels[i] == lesion).any()) for i in train)
     result = {
@@ -347,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "fisher_p_spot": sweep_rows[0]["fisher_p_spot"],
         "guidance_sweep": sweep_rows,
         "figure": str(png),
+        **({"mask_route": route} if route is not None else {}),
         "seconds": round(time.perf_counter() - start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +445,59 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(render(result, png.relative_to(args.out)))
     print(render(result, png))
     return 0
+
+
+def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, scale: float, meta: dict,
+               latent_shape: tuple[int, ...], timings: dict, segmenter, spot, lesion: int) -> dict:
+    """The prompts through label generator -> ControlNet (``--via-masks``): train both, sample, judge.
+
+    ``segmenter``: image -> the judge's label map; ``spot``: (image, label map) -> the spot rule's verdict.
+    Returns the record (``summary`` per label guidance, ``rows`` of the first) and ``headline`` (the
+    first guidance's rows with volumes and map lesions, for the figure)."""
+    from medsynth.cli.controlnet import load_controlnet_config
+    from medsynth.cli.labels import load_label_config
+    from medsynth.pipelines.label_generator_source import LabelGenerator
+    from medsynth.training.controlnet import fit_controlnet, load_controlnet
+    from medsynth.training.label_generator import fit_label_generator
+
+    t0 = time.perf_counter()
+    cn_cfg = load_controlnet_config(REPO / "configs/controlnet/tiny.yaml")
+    cn_export = fit_controlnet(dit_export, work / "cache", work / "controlnet", cn_cfg, accelerator="cpu",
+                               devices=1, max_steps=args.controlnet_steps)
+    timings["controlnet"] = round(time.perf_counter() - t0, 1)
+    controlnet, _ = load_controlnet(cn_export)
+    controlnet.eval()
+    t0 = time.perf_counter()
+    label_cfg = load_label_config(REPO / "configs/labels/tiny.yaml")
+    label_export = fit_label_generator(work / "ct", work / "labels", label_cfg, accelerator="cpu", devices=1,
+                                       max_steps=args.label_steps)
+    timings["label_generator"] = round(time.perf_counter() - t0, 1)
+    labels = LabelGenerator.from_pretrained(label_export)
+    summary, headline, first_rows = [], {}, None
+    for label_guidance in args.label_guidance:
+        rows = {}
+        for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
+            generators = [torch.Generator().manual_seed(4048 + i) for i in range(args.samples)]
+            maps = [np.asarray(v.array, np.int64) for v in
+                    labels([prompt] * args.samples, generators, size=(args.size,) * 3, spacing=meta["spacing"],
+                           guidance_scale=label_guidance)]
+            images = sample_masked(dit, encoder, controlnet, autoencoder, scale, prompt, meta, maps, args.steps,
+                                   args.guidance[0], args.mask_guidance, latent_shape, seed=2024)
+            judged = []
+            for image in images:
+                predicted = segmenter(image)
+                judged.append((int((predicted == lesion).sum()), spot(image, predicted)))
+            rows[key] = mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels)
+            if label_guidance == args.label_guidance[0]:  # the headline: its samples go into the figure
+                headline[key] = {**rows[key], "volumes": images, "masks": [m == lesion for m in maps]}
+        summary.append(mask_route_summary(label_guidance, rows))
+        first_rows = first_rows or rows
+    return {"settings": {"controlnet": "configs/controlnet/tiny.yaml", "controlnet_steps": args.controlnet_steps,
+                         "label_generator": "configs/labels/tiny.yaml",
+                         "label_steps": args.label_steps or label_cfg["autoencoder_training"]["max_steps"],
+                         "label_guidance": args.label_guidance, "guidance": args.guidance[0],
+                         "mask_guidance": args.mask_guidance},
+            "rows": first_rows, "summary": summary, "headline": headline}
 
 
 def sweep_lines(r: dict) -> list[str]:
@@ -431,8 +575,40 @@ def render(r: dict, figure_path: Path) -> str:
               *sweep_lines(r),
               f"Lesion contrast (mean liver minus mean lesion, model range) on the {c['cases']} held-out real "
               f"phantoms with a lesion: real {c['real']}, after the autoencoder {c['reconstruction']}.", "",
-              f"![samples per prompt]({figure_path})", "", f"Run time: {r['seconds']} s.", ""]
+              f"![samples per prompt]({figure_path})", "", *route_lines(r, figure_path),
+              f"Run time: {r['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+def route_lines(r: dict, figure_path: Path) -> list[str]:
+    """The mask route's section (``--via-masks``; nothing without it)."""
+    route = r.get("mask_route")
+    if not route:
+        return []
+    s, t = route["settings"], r["train_seconds"]
+    lines = ["## The mask route: prompt -> label generator -> ControlNet", "",
+             "What `medsynth generate --prompt TEXT --mask-source generator` does: a label generator "
+             f"(`{s['label_generator']}`, {s['label_steps']} steps per stage, {t.get('label_generator')} s) trained on "
+             "the training label maps and their prompts draws a map from the prompt; a ControlNet "
+             f"(`{s['controlnet']}`, {s['controlnet_steps']} steps, {t.get('controlnet')} s) over the frozen DiT above "
+             f"draws the image from the prompt and that map (text guidance {s['guidance']:g}, mask guidance "
+             f"{s['mask_guidance']:g}). The same judges as above; the same seeds for both prompts.", "",
+             "| label generator guidance | maps with a lesion | p | images with a lesion (segmenter) | p | "
+             "images with a lesion (spot rule) | p |", "|---|---|---|---|---|---|---|"]
+    for row in route["summary"]:
+        n = row["samples"]
+        lines.append(f"| {row['label_guidance']:g} | {row['maps'][0]}/{n} vs {row['maps'][1]}/{n} | "
+                     f"{row['fisher_p_maps']} | {row['segmenter'][0]}/{n} vs {row['segmenter'][1]}/{n} | "
+                     f"{row['fisher_p']} | {row['spot'][0]}/{n} vs {row['spot'][1]}/{n} | {row['fisher_p_spot']} |")
+    rows = route["rows"]
+    lines += ["", "Each cell: the prompt asking for a lesion vs the one asking for none; p: two-sided Fisher exact "
+              "test. Per sample at the first guidance (lesions in the map / the segmenter's lesion voxels):", ""]
+    for key in ("lesion_prompt", "no_lesion_prompt"):
+        row = rows[key]
+        lines.append(f"- `{row['prompt']}`: map lesions {row['map_lesions']}, judged voxels {row['lesion_voxels']}")
+    if route.get("figure"):
+        lines += ["", f"![mask route samples]({Path(figure_path).parent / Path(route['figure']).name})"]
+    return lines + [""]
 
 
 if __name__ == "__main__":

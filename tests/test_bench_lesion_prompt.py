@@ -12,11 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--out",
-                           str(tmp_path), "--dit-region-weight", "20", "--guidance", "3", "1"], capture_output=True,
-                          text=True, timeout=600)
+                           str(tmp_path), "--dit-region-weight", "20", "--guidance", "3", "1", "--via-masks",
+                           "--label-guidance", "1", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the DiT trained with loss weight 20 inside the lesions: its cache carried the label maps
-    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20.json").read_text())
+    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_masks.json").read_text())
     assert result["settings"]["dit_region_weight"] == 20
     rows = result["rows"]
     assert set(rows) == {"lesion_prompt", "no_lesion_prompt"}
@@ -33,8 +33,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert "inside its rim" in result["spot_rule"]["skipped"]
     assert result["lesion_contrast_held_out"]["real"] > 0  # the lesions are darker than the liver
     assert 0 <= result["fisher_p"] <= 1 and 0 <= result["fisher_p_spot"] <= 1
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20.png").stat().st_size > 5000
-    page = (tmp_path / "lesion_prompt_cpu_dw20.md").read_text()
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_masks.png").stat().st_size > 5000
+    page = (tmp_path / "lesion_prompt_cpu_dw20_masks.md").read_text()
     assert "| `CT abdomen portal venous, liver lesion" in page and "loss weight 20 inside liver lesions" in page
     assert "Spot rule: not fit (" in page
     # two guidance scales from the same DiT and seeds: the first is the headline, both are tabulated
@@ -44,6 +44,41 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert all(len(row["spread"]) == 2 and all(v > 0 for v in row["spread"]) for row in sweep)
     assert result["real_spread"]["held_out"] > 0 and result["real_spread"]["cases"] == 2
     assert "| 1 | " in page and "Spread between samples" in page
+    # the mask route: a label generator and a ControlNet trained, each prompt's maps drawn and their images judged
+    route = result["mask_route"]
+    assert route["settings"]["controlnet_steps"] == 4 == route["settings"]["label_steps"]
+    assert result["train_seconds"]["controlnet"] > 0 and result["train_seconds"]["label_generator"] > 0
+    assert [row["label_guidance"] for row in route["summary"]] == [1.0, 2.0]
+    for key, row in route["rows"].items():
+        assert row["samples"] == 2 == len(row["map_lesions"]) == len(row["lesion_voxels"]) == len(row["spot_found"])
+        assert row["maps_with_lesion"] == sum(c > 0 for c in row["map_lesions"])
+        assert all((c > 0) == (v > 0) for c, v in zip(row["map_lesions"], row["map_lesion_voxels"]))
+        assert route["summary"][0]["maps"][0 if key == "lesion_prompt" else 1] == row["maps_with_lesion"]
+    assert all(0 <= row[k] <= 1 for row in route["summary"] for k in ("fisher_p_maps", "fisher_p", "fisher_p_spot"))
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_masks_route.png").stat().st_size > 5000
+    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_masks_route.png" in page
+
+
+def test_mask_route_row_counts_map_lesions_as_connected_regions() -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_lesion_prompt import mask_route_row, mask_route_summary
+
+    one, two, none = (np.zeros((8, 8, 8), np.int64) for _ in range(3))
+    one[1:3, 1:3, 1:3] = 9
+    two[1:3, 1:3, 1:3] = 9
+    two[5:7, 5:7, 5:7] = 9
+    two[3, 3, 3] = 9  # touches the first region at a corner: the same lesion (26-connectivity)
+    spots = [{"detected": True, "score": 1.0}, {"detected": False, "score": 0.1}, {"detected": False, "score": 0.0}]
+    row = mask_route_row("p", [one, two, none], [(5, spots[0]), (2, spots[1]), (0, spots[2])], lesion=9, min_voxels=3)
+    assert row["map_lesions"] == [1, 2, 0] and row["maps_with_lesion"] == 2
+    assert row["map_lesion_voxels"] == [8, 17, 0]
+    assert row["with_lesion"] == 1 and row["with_spot"] == 1 and row["spot_scores"] == [1.0, 0.1, 0.0]
+    empty = mask_route_row("q", [none, none, none], [(0, spots[2])] * 3, lesion=9, min_voxels=3)
+    summary = mask_route_summary(4.0, {"lesion_prompt": row, "no_lesion_prompt": empty})
+    assert summary["maps"] == [2, 0] and summary["segmenter"] == [1, 0] and summary["spot"] == [1, 0]
+    assert summary["fisher_p_maps"] == 0.4  # 2/3 vs 0/3
 
 
 def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp_path) -> None:
