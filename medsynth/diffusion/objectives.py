@@ -64,16 +64,37 @@ def check_region_weighting(classes: Sequence[str], weight: float) -> list[str]:
     return [str(c) for c in classes]
 
 
+# In region_classes, this entry stands for every lesion class of the dataset
+# (medsynth.evaluation.label_statistics.lesion_classes), so one config serves CT (liver_lesion) and
+# MR (tumour_core, ...) datasets.
+LESION_CLASSES_ENTRY = "lesions"
+
+
+def expand_region_classes(classes: Sequence[str], labels: Mapping[str, int]) -> list[str]:
+    """``region_classes`` with :data:`LESION_CLASSES_ENTRY` replaced by the lesion classes of
+    ``labels`` (kept as is when the table has a label of that very name; dropped when it has no
+    lesion class); duplicates removed, order kept."""
+    from medsynth.evaluation.label_statistics import lesion_classes
+
+    out: list[str] = []
+    for name in classes:
+        expanded = lesion_classes(labels) if name == LESION_CLASSES_ENTRY and name not in labels else [name]
+        out += [n for n in expanded if n not in out]
+    return out
+
+
 def region_label_values(classes: Sequence[str], labels: Mapping[str, int] | None) -> list[int]:
-    """The label values of ``classes`` in ``labels`` (name -> value); ConfigError naming the known labels."""
+    """The label values of ``classes`` in ``labels`` (name -> value), with :data:`LESION_CLASSES_ENTRY`
+    expanded (:func:`expand_region_classes`); ConfigError naming the known labels."""
     labels = dict(labels or {})
     if classes and not labels:
         raise ConfigError(f"training.region_classes {list(classes)} needs a label table, but none was given; "
                           "encode a labelled dataset (its stats.json records the labels)")
+    classes = expand_region_classes(classes, labels)
     unknown = [c for c in classes if c not in labels]
     if unknown:
         raise ConfigError(f"training.region_classes names {unknown}, which are not labels; known labels are "
-                          f"{sorted(labels, key=labels.get)}")
+                          f"{sorted(labels, key=labels.get)} (or {LESION_CLASSES_ENTRY!r} for every lesion class)")
     return [int(labels[c]) for c in classes]
 
 

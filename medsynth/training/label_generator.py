@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from medsynth.diffusion import expand_region_classes
 from medsynth.errors import ConfigError, InputError
 from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export,
                                     read_lightning_checkpoint, save_export)
@@ -294,24 +295,6 @@ class LabelLatentDataset(Dataset):
         if self.maps is not None:
             item["label"] = self.maps[index]
         return item
-
-
-# In dit_training.region_classes of a label generator config, this entry stands for every lesion
-# class of the dataset (medsynth.evaluation.label_statistics.lesion_classes), so one config serves
-# CT (liver_lesion) and MR (tumour_core, ...) datasets.
-LESION_CLASSES_ENTRY = "lesions"
-
-
-def resolve_region_classes(classes: Sequence[str], labels: Mapping[str, int]) -> list[str]:
-    """``dit_training.region_classes`` with :data:`LESION_CLASSES_ENTRY` replaced by the dataset's
-    lesion classes (kept as is when the dataset has a label of that very name)."""
-    from medsynth.evaluation.label_statistics import lesion_classes
-
-    out: list[str] = []
-    for name in classes:
-        expanded = lesion_classes(labels) if name == LESION_CLASSES_ENTRY and name not in labels else [name]
-        out += [n for n in expanded if n not in out]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +610,7 @@ def fit_label_generator(data_dir: str | Path, out_dir: str | Path, run_config: M
     objective = dict(run_config.get("objective") or {"name": "rectified_flow"})
     sampling = {"sampler": None, "num_inference_steps": 10, "guidance_scale": 1.0, "shift": 1.0,
                 **dict(run_config.get("sampling") or {})}
-    dit_train.region_classes = resolve_region_classes(dit_train.region_classes, data.labels)
+    dit_train.region_classes = expand_region_classes(dit_train.region_classes, data.labels)
     L.seed_everything(dit_train.seed, workers=True)
     dit_module = DiTModule(dit_dict, text_cfg, objective, dit_train.to_dict(), sampling, {"scale_factor": scale},
                            labels=data.labels)
@@ -683,7 +666,7 @@ def _carried_autoencoder(record: Mapping[str, Any], ae_dict: Mapping[str, Any],
 
 
 __all__ = ["LabelAETrainingConfig", "AttributeConfig", "LabelCases", "read_label_cases", "LabelMapDataset",
-           "LabelLatentDataset", "LESION_CLASSES_ENTRY", "resolve_region_classes", "LabelAutoencoderModule",
+           "LabelLatentDataset", "LabelAutoencoderModule",
            "soft_dice_loss", "save_label_generator", "load_label_generator", "fit_label_generator",
            "parse_label_config", "encode_labels", "reconstruction_dice", "fit_class_offsets", "VolumeCalibration",
            "read_stage_checkpoint", "KIND", "STAGE_KEY", "VOLUME_PREFIX", "LESION_PREFIX", "SECTIONS"]

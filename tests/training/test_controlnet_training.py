@@ -118,8 +118,21 @@ def test_training_refusals_and_region_weights(tmp_path):
     with pytest.raises(InputError, match="stats.json"):
         MaskedLatentDataset(tmp_path)
     dit, encoder = base_dit()
-    with pytest.raises(ConfigError, match="region_classes.*tumour"):
+    with pytest.raises(ConfigError, match="region_classes.*tumour.*'lesions' for every lesion class"):
         ControlNetModule(dit, encoder, LABELS, {"image_to_latent_factor": 2}, None, {"region_classes": ["tumour"]})
+    # 'lesions' stands for every lesion class of the table, so one config serves CT and MR
+    module = ControlNetModule(dit, encoder, LABELS, {"image_to_latent_factor": 2}, None,
+                              {"region_classes": ["lesions"], "region_loss_weight": 10.0})
+    assert module.region_values == [2]
+    from medsynth.data.phantoms import CT_LABELS
+    from medsynth.data.phantoms_mr import MR_LABELS
+    from medsynth.diffusion import region_label_values
+
+    assert region_label_values(["lesions"], CT_LABELS) == [CT_LABELS["liver_lesion"]]
+    assert region_label_values(["lesions"], MR_LABELS) == [MR_LABELS["tumour_oedema"], MR_LABELS["tumour_core"]]
+    assert region_label_values(["lesions", "tumour_core"], MR_LABELS) == [7, 8]  # no duplicates
+    assert region_label_values(["lesions"], {"background": 0, "lesions": 3}) == [3]  # a label of that very name
+    assert region_label_values(["lesions"], {"background": 0, "liver": 1}) == []  # no lesion class: unweighted
     with pytest.raises(ConfigError, match="mask_drop_rate"):
         ControlNetTrainingConfig(mask_drop_rate=1.5)
     label = torch.zeros(1, 4, 4, 2, dtype=torch.long)
@@ -146,7 +159,8 @@ def test_fit_controlnet_from_exports(tmp_path):
     save_dit(tmp_path / "dit", dit, encoder, {"name": "rectified_flow"})
     config = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
     config["controlnet"]["embed_channels"] = [4, 8]
-    config["training"].update(batch_size=3, region_classes=["lesion"])
+    config["training"].update(batch_size=3)
+    assert config["training"]["region_classes"] == ["lesions"]  # the tiny config's entry: here the class 'lesion'
     export = fit_controlnet(tmp_path / "dit", cache, tmp_path / "run", config, accelerator="cpu", devices=1,
                             max_steps=2)
     model, record = load_controlnet(export)
