@@ -20,7 +20,10 @@ question where it can be answered at the same scale (32^3, CPU, minutes):
 4. Text-only samples (the same seeds for both prompts) for a prompt asking for a lesion and one
    asking for none; the lesion rate of each, a two-sided Fisher exact test between them, and a
    figure of the samples with the judge's lesion voxels outlined.
-5. With ``--via-masks``, the same two prompts through the pipeline's other text route (what
+5. With ``--negative``, each prompt is also sampled with the other as its negative prompt
+   (``MedSynthPipeline(..., negative_prompt=...)``): guidance then pushes along the difference
+   between the two prompts instead of from the null text.
+6. With ``--via-masks``, the same two prompts through the pipeline's other text route (what
    ``medsynth generate --prompt ... --mask-source generator`` does): a label generator
    (``configs/labels/tiny.yaml``) trained on the training label maps and their prompts draws a
    label map from the prompt, and a ControlNet (``configs/controlnet/tiny.yaml``) over the frozen
@@ -280,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the DiT's loss weight inside liver lesions (training.region_loss_weight with "
                              "region_classes [liver_lesion]); 1 = unweighted (the earlier pages); results get a "
                              "_dwW suffix")
+    parser.add_argument("--negative", action="store_true",
+                        help="also sample each prompt with the other as its negative prompt (guidance then pushes "
+                             "from 'no lesion' towards 'liver lesion' and back), at every --guidance other than 1, "
+                             "beside the plain samples of the same DiT and seeds")
     parser.add_argument("--via-masks", action="store_true",
                         help="also measure the pipeline's mask route (--mask-source generator): a label generator "
                              "draws a map from each prompt, a ControlNet over the DiT draws the image from prompt "
@@ -300,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"_dw{args.dit_region_weight:g}" if args.dit_region_weight != 1 else "")
             + (f"_dit{args.dit_steps}" if args.dit_steps != DEFAULT_DIT_STEPS else "")
             + (f"_n{args.num}" if args.num > 96 else "")
+            + ("_neg" if args.negative else "")
             + ("_masks" if args.via_masks else ""))
     if args.dit_region_weight < 1:
         parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
@@ -377,25 +385,29 @@ def main(argv: list[str] | None = None) -> int:
         dit, encoder, _ = load_dit(export)
         latent_shape = tuple(autoencoder.encode(torch.zeros(1, 1, *(args.size,) * 3)).shape[1:])
         meta = records[train[0]]["metadata"]
-        sweep = {}
-        for guidance in args.guidance:  # the same DiT, the same seeds: only the guidance scale differs
-            sweep[guidance] = {}
-            for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
-                volumes = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
-                                 guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
-                                 seed=2024)  # the same noise for both prompts
-                predictions = [segment(judge, v) for v in volumes]
-                masks = [p == lesion for p in predictions]
-                counts = [int(m.sum()) for m in masks]
-                hits = sum(c >= args.min_lesion_voxels for c in counts)
-                spots = [spot(v, p) for v, p in zip(volumes, predictions)]
-                found = [s["detected"] for s in spots]
-                sweep[guidance][key] = {
-                    "prompt": prompt, "samples": len(volumes), "with_lesion": int(hits),
-                    "spread": spread(volumes),
+        def judged_row(prompt: str, guidance: float, negative: str | None) -> dict:
+            """Samples of one prompt (the same noise for every prompt), judged by both judges."""
+            volumes = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
+                             guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
+                             seed=2024, negative=negative)
+            predictions = [segment(judge, v) for v in volumes]
+            masks = [p == lesion for p in predictions]
+            counts = [int(m.sum()) for m in masks]
+            hits = sum(c >= args.min_lesion_voxels for c in counts)
+            spots = [spot(v, p) for v, p in zip(volumes, predictions)]
+            found = [s["detected"] for s in spots]
+            return {"prompt": prompt, **({} if negative is None else {"negative_prompt": negative}),
+                    "samples": len(volumes), "with_lesion": int(hits), "spread": spread(volumes),
                     "rate": hits / len(volumes), "with_spot": int(sum(found)), "spot_rate": sum(found) / len(volumes),
                     "spot_scores": [s["score"] for s in spots], "spot_found": found, "lesion_voxels": counts,
                     "volumes": volumes, "masks": masks}
+
+        sweep, negative_sweep = {}, {}
+        pairs = (("lesion_prompt", LESION_PROMPT, NONE_PROMPT), ("no_lesion_prompt", NONE_PROMPT, LESION_PROMPT))
+        for guidance in args.guidance:  # the same DiT, the same seeds: only the guidance scale differs
+            sweep[guidance] = {key: judged_row(prompt, guidance, None) for key, prompt, _ in pairs}
+            if args.negative and guidance != 1:  # each prompt guided away from the other (at 1: no guidance)
+                negative_sweep[guidance] = {key: judged_row(prompt, guidance, other) for key, prompt, other in pairs}
         rows = sweep[args.guidance[0]]
         route = (mask_route(args, work, export, dit, encoder, autoencoder, scale, meta, latent_shape, timings,
                             lambda v: segment(judge, v), spot, lesion) if args.via_masks else None)
@@ -436,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "fisher_p": sweep_rows[0]["fisher_p"],
         "fisher_p_spot": sweep_rows[0]["fisher_p_spot"],
         "guidance_sweep": sweep_rows,
+        **({"negative_sweep": [sweep_row(g, rows_) for g, rows_ in negative_sweep.items()]} if args.negative else {}),
         "figure": str(png),
         **({"mask_route": route} if route is not None else {}),
         "seconds": round(time.perf_counter() - start, 1),
@@ -498,6 +511,23 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
                          "label_guidance": args.label_guidance, "guidance": args.guidance[0],
                          "mask_guidance": args.mask_guidance},
             "rows": first_rows, "summary": summary, "headline": headline}
+
+
+def negative_lines(r: dict) -> list[str]:
+    """The negative-prompt sweep (``--negative``) as a table beside the plain one (nothing without it)."""
+    plain = {row["guidance"]: row for row in r.get("guidance_sweep", [])}
+    lines = ["Negative prompts (`--negative`): each prompt sampled with the other as its negative prompt, so "
+             "guidance pushes from 'no lesion' towards 'liver lesion' (and back); the same DiT and seeds. Samples "
+             "with a lesion, lesion prompt vs no-lesion prompt:", "",
+             "| guidance | segmenter, null text | with negative prompts | p | spot rule, null text | "
+             "with negative prompts | p |", "|---|---|---|---|---|---|---|"]
+    for row in r.get("negative_sweep", []):
+        n, base = row["samples"], plain.get(row["guidance"], {})
+        seg0, spot0 = base.get("segmenter", ["-", "-"]), base.get("spot", ["-", "-"])
+        lines.append(f"| {row['guidance']:g} | {seg0[0]}/{n} vs {seg0[1]}/{n} | {row['segmenter'][0]}/{n} vs "
+                     f"{row['segmenter'][1]}/{n} | {row['fisher_p']} | {spot0[0]}/{n} vs {spot0[1]}/{n} | "
+                     f"{row['spot'][0]}/{n} vs {row['spot'][1]}/{n} | {row['fisher_p_spot']} |")
+    return lines + [""] if r.get("negative_sweep") else []
 
 
 def sweep_lines(r: dict) -> list[str]:
@@ -572,7 +602,7 @@ def render(r: dict, figure_path: Path) -> str:
                   "lesion it cannot reconstruct is one no prompt can produce."]
     lines += ["", f"Two-sided Fisher exact test between the two rates: p = {r['fisher_p']} (segmenter)"
               + (f", p = {r['fisher_p_spot']} (spot rule)" if "fisher_p_spot" in r else "") + ".", "",
-              *sweep_lines(r),
+              *sweep_lines(r), *negative_lines(r),
               f"Lesion contrast (mean liver minus mean lesion, model range) on the {c['cases']} held-out real "
               f"phantoms with a lesion: real {c['real']}, after the autoencoder {c['reconstruction']}.", "",
               f"![samples per prompt]({figure_path})", "", *route_lines(r, figure_path),

@@ -142,15 +142,18 @@ def wasserstein(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def sample(dit, encoder, autoencoder, scale: float, prompt: str, meta: dict, n: int, steps: int, guidance: float,
-           drop_text: bool, drop_metadata: bool, latent_shape: tuple[int, ...], seed: int) -> list[np.ndarray]:
-    """``n`` decoded samples ``(X, Y, Z)`` in the model range for one condition."""
+           drop_text: bool, drop_metadata: bool, latent_shape: tuple[int, ...], seed: int,
+           negative: str | None = None) -> list[np.ndarray]:
+    """``n`` decoded samples ``(X, Y, Z)`` in the model range for one condition (``negative``: a
+    negative prompt, standing where the null text would under guidance)."""
     from medsynth.diffusion import make_scheduler
     from medsynth.pipelines.sampling import Conditions, denoise
 
     with torch.no_grad():  # a condition left out is None: the model's null embedding
         text = None if drop_text else encoder.encode([prompt] * n)
         metadata = None if drop_metadata else dit.encode_metadata([meta] * n)
-    conditions = Conditions(text, metadata)
+        negative_text = None if negative is None else encoder.encode([negative] * n)
+    conditions = Conditions(text, metadata, negative_text)
     z = denoise(dit, make_scheduler("rectified_flow"), (n, *latent_shape), conditions, steps, guidance,
                 torch.Generator().manual_seed(seed))
     with torch.no_grad():

@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--out",
                            str(tmp_path), "--dit-region-weight", "20", "--guidance", "3", "1", "--via-masks",
-                           "--label-guidance", "1", "2"], capture_output=True, text=True, timeout=600)
+                           "--label-guidance", "1", "2", "--negative"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the DiT trained with loss weight 20 inside the lesions: its cache carried the label maps
-    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_masks.json").read_text())
+    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_neg_masks.json").read_text())
     assert result["settings"]["dit_region_weight"] == 20
     rows = result["rows"]
     assert set(rows) == {"lesion_prompt", "no_lesion_prompt"}
@@ -33,8 +33,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert "inside its rim" in result["spot_rule"]["skipped"]
     assert result["lesion_contrast_held_out"]["real"] > 0  # the lesions are darker than the liver
     assert 0 <= result["fisher_p"] <= 1 and 0 <= result["fisher_p_spot"] <= 1
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_masks.png").stat().st_size > 5000
-    page = (tmp_path / "lesion_prompt_cpu_dw20_masks.md").read_text()
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks.png").stat().st_size > 5000
+    page = (tmp_path / "lesion_prompt_cpu_dw20_neg_masks.md").read_text()
     assert "| `CT abdomen portal venous, liver lesion" in page and "loss weight 20 inside liver lesions" in page
     assert "Spot rule: not fit (" in page
     # two guidance scales from the same DiT and seeds: the first is the headline, both are tabulated
@@ -44,6 +44,11 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert all(len(row["spread"]) == 2 and all(v > 0 for v in row["spread"]) for row in sweep)
     assert result["real_spread"]["held_out"] > 0 and result["real_spread"]["cases"] == 2
     assert "| 1 | " in page and "Spread between samples" in page
+    # negative prompts: each prompt guided away from the other, at the scales that guide (not at 1)
+    negative = result["negative_sweep"]
+    assert [row["guidance"] for row in negative] == [3.0]
+    assert all(row["samples"] == 2 and 0 <= row["fisher_p_spot"] <= 1 for row in negative)
+    assert "Negative prompts (`--negative`)" in page
     # the mask route: a label generator and a ControlNet trained, each prompt's maps drawn and their images judged
     route = result["mask_route"]
     assert route["settings"]["controlnet_steps"] == 4 == route["settings"]["label_steps"]
@@ -55,8 +60,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
         assert all((c > 0) == (v > 0) for c, v in zip(row["map_lesions"], row["map_lesion_voxels"]))
         assert route["summary"][0]["maps"][0 if key == "lesion_prompt" else 1] == row["maps_with_lesion"]
     assert all(0 <= row[k] <= 1 for row in route["summary"] for k in ("fisher_p_maps", "fisher_p", "fisher_p_spot"))
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_masks_route.png").stat().st_size > 5000
-    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_masks_route.png" in page
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_route.png").stat().st_size > 5000
+    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_neg_masks_route.png" in page
 
 
 def test_mask_route_row_counts_map_lesions_as_connected_regions() -> None:

@@ -95,6 +95,13 @@ def test_generate_bad_input_is_one_line_error(pipeline_dir, tmp_path, capsys):
     assert not out.exists()
     code, _, err = run_cli(capsys, *base[:4], " ", *base[5:], "--out", str(out))
     assert_user_error(code, err, "--prompt")
+    code, _, err = run_cli(capsys, *base, "--out", str(out), "--negative-prompt", "no lesion", "--guidance", "1")
+    assert_user_error(code, err, "negative_prompt", "guidance_scale is 1")
+    assert not out.exists()
+    code, _, err = run_cli(capsys, *base, "--out", str(tmp_path / "neg"), "--negative-prompt", "CT head",
+                           "--guidance", "3", "--device", "cpu")
+    assert code == 0, err
+    assert '"negative_prompt": "CT head"' in (tmp_path / "neg" / "provenance.jsonl").read_text()
     code, _, err = run_cli(capsys, *base, "--out", str(out), "--size", "18", "16", "13", "--device", "cpu")
     assert code == 0, err  # not a multiple of 4: padded, generated, cropped back
     assert read_volume(read_dataset(out).cases[0].image).shape == (18, 16, 13)

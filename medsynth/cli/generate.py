@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0, help="case i uses seed SEED + i (default 0)")
     gen.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
     gen.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)")
+    gen.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                     help="what no case should show (e.g. 'no lesion'): under guidance it replaces the null text, "
+                          "so guidance pushes away from it towards --prompt; needs --guidance other than 1")
     gen.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                      help="voxels (default: the training size); padded up to a multiple of the latent "
                           "factor x DiT patch internally and cropped back")
@@ -140,7 +143,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                   lesions=list(args.lesion), mask_guidance_scale=args.mask_guidance,
                                   max_retries=args.max_retries, keep_failed=args.keep_failed,
                                   min_dice=args.min_dice, quality_gate=not args.no_quality_gate,
-                                  label_attributes=list(args.label_attribute), lesion_counts=list(args.lesion_count))
+                                  label_attributes=list(args.label_attribute), lesion_counts=list(args.lesion_count),
+                                  negative_prompt=args.negative_prompt)
     if args.mask is not None and not args.mask.is_file():
         raise ConfigError(f"--mask file {args.mask} does not exist")
     pipeline = MedSynthPipeline.from_pretrained(args.pipeline, device=_device(args.device),

@@ -300,14 +300,17 @@ class ControlResiduals:
         text, metadata: the conditions passed to ``denoise`` (batch B), or None.
         guide_mask: see above.
         conditioning_scale: multiplies the residuals.
+        negative_text: negative prompts (batch B) that ``denoise`` puts where the text is dropped
+            (:class:`~medsynth.pipelines.sampling.Conditions`); the ControlNet sees them there too.
     """
 
     def __init__(self, controlnet: ControlNet3D, mask_onehot: Tensor | None, text: TextEmbedding | None = None,
                  metadata: Mapping[str, Tensor] | None = None, *, guide_mask: bool = True,
-                 conditioning_scale: float = 1.0) -> None:
+                 conditioning_scale: float = 1.0, negative_text: TextEmbedding | None = None) -> None:
         self.controlnet = controlnet
         self.mask = mask_onehot
         self.text = text
+        self.negative_text = negative_text
         self.metadata = metadata
         self.guide_mask = guide_mask
         self.conditioning_scale = float(conditioning_scale)
@@ -338,22 +341,26 @@ class ControlResiduals:
         copies = len(drop_cond)
         device = x.device
         batch = x.shape[0] // copies
-        text = None if self.text is None else TextEmbedding.cat([self.text] * copies).to(device)
+        negative = self.negative_text is not None and self.text is not None
+        parts = [self.text] + [self.negative_text if negative else self.text] * (copies - 1)
+        text = None if self.text is None else TextEmbedding.cat(parts).to(device)
         metadata = None if self.metadata is None else {k: torch.cat([v] * copies).to(device)
                                                        for k, v in self.metadata.items()}
         mask = None if self.mask is None else torch.cat([self.mask] * copies).to(device)
         drop = torch.tensor(drop_cond, device=device).repeat_interleave(batch)
+        drop_text = torch.zeros_like(drop) if negative else drop  # the negative prompt is never dropped
         dmask = torch.tensor(drop_mask, device=device).repeat_interleave(batch)
-        return self.controlnet(x, timesteps, text, metadata, mask, drop_text=drop, drop_metadata=drop,
+        return self.controlnet(x, timesteps, text, metadata, mask, drop_text=drop_text, drop_metadata=drop,
                                drop_mask=dmask, conditioning_scale=self.conditioning_scale)
 
 
 def make_block_residuals_fn(controlnet: ControlNet3D, mask_onehot: Tensor | None,
                             text: TextEmbedding | None = None, metadata: Mapping[str, Tensor] | None = None,
-                            *, guide_mask: bool = True, conditioning_scale: float = 1.0) -> ControlResiduals:
+                            *, guide_mask: bool = True, conditioning_scale: float = 1.0,
+                            negative_text: TextEmbedding | None = None) -> ControlResiduals:
     """The ``block_residuals_fn`` to pass to ``denoise`` (see :class:`ControlResiduals`)."""
     return ControlResiduals(controlnet, mask_onehot, text, metadata, guide_mask=guide_mask,
-                            conditioning_scale=conditioning_scale)
+                            conditioning_scale=conditioning_scale, negative_text=negative_text)
 
 
 __all__ = ["ControlNetConfig", "ControlNet3D", "MaskEmbedder", "one_hot_mask", "dual_guidance",

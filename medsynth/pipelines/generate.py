@@ -91,6 +91,8 @@ class GenerationSettings:
         quality_gate: run the quality gate on mask-conditioned samples.
         label_attributes: ``CLASS=QUANTILE`` organ-size requests for the label generator.
         lesion_counts: ``CLASS=N`` (or ``N``) lesion-count requests for the label generator.
+        negative_prompt: what no case should show, for every case (see
+            :meth:`MedSynthPipeline.__call__`); needs guidance.
     """
 
     prompts: list[str]
@@ -114,12 +116,16 @@ class GenerationSettings:
     quality_gate: bool = True
     label_attributes: list[str] = field(default_factory=list)
     lesion_counts: list[str] = field(default_factory=list)
+    negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
         if not self.prompts or any(not isinstance(p, str) or not p.strip() for p in self.prompts):
             raise ConfigError(f"every --prompt must be non-empty text, but got {self.prompts!r}")
+        if self.negative_prompt is not None and (not isinstance(self.negative_prompt, str)
+                                                 or not self.negative_prompt.strip()):
+            raise ConfigError(f"--negative-prompt must be non-empty text, but got {self.negative_prompt!r}")
         if isinstance(self.num, bool) or not isinstance(self.num, int) or self.num < 1:
             raise ConfigError(f"--num must be an integer >= 1, but got {self.num!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED - self.num:
@@ -170,7 +176,9 @@ class GenerationSettings:
                 "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
                 "size": None if self.size is None else list(self.size),
                 "spacing": None if self.spacing is None else list(self.spacing),
-                "metadata": dict(self.metadata)}
+                "metadata": dict(self.metadata),
+                # only when given, so folders made before the option existed resume unchanged
+                **({} if self.negative_prompt is None else {"negative_prompt": self.negative_prompt})}
 
 
 def _write_provenance(path: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -376,6 +384,8 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
     sched = pipeline.record["scheduler"]
     steps = settings.num_inference_steps or int(sched.get("num_inference_steps", 30))
     guidance = float(sched.get("guidance_scale", 1.0)) if settings.guidance_scale is None else settings.guidance_scale
+    pipeline.negative_prompts(settings.negative_prompt, [settings.case(0)[1]], guidance, plan is not None,
+                              settings.mask_guidance_scale)  # a negative prompt that could not act: refused now
     block = {"source": "medsynth generate", "synthetic": True,
              "labels": "none" if plan is None else "conditioning_mask",
              "modality": pipeline.modality,
@@ -409,21 +419,25 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
             continue
         facts: dict[str, Any] = {"case_id": case_id, "prompt": prompt, "seed": seed, "num_inference_steps": steps,
                                  "guidance_scale": guidance, "pipeline": str(pipeline.path),
-                                 "pipeline_hash": pipeline.pipeline_hash}
+                                 "pipeline_hash": pipeline.pipeline_hash,
+                                 **({} if settings.negative_prompt is None
+                                    else {"negative_prompt": settings.negative_prompt})}
         if not has_image or not dicom_done:
             # Regenerating a finished image only to write its missing DICOM files is exact:
             # the case depends only on its seed and the settings.
             label = None
             if plan is None:
                 volume = pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(seed)],
-                                  spacing=settings.spacing, size=settings.size, metadata=settings.metadata)[0]
+                                  spacing=settings.spacing, size=settings.size, metadata=settings.metadata,
+                                  negative_prompt=settings.negative_prompt)[0]
             else:
                 label, mask_info, lesion_records = first_mask if index == 0 else plan.case_mask(seed, prompt)
 
                 def make(s: int, label: Volume = label) -> Volume:
                     return pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(s)],
                                     metadata=settings.metadata, mask=label,
-                                    mask_guidance_scale=settings.mask_guidance_scale)[0]
+                                    mask_guidance_scale=settings.mask_guidance_scale,
+                                    negative_prompt=settings.negative_prompt)[0]
 
                 if has_image:  # only DICOM missing: the image that was kept
                     seed_used = int(provenance.get(case_id, {}).get("quality", {}).get("seed_used", seed))
@@ -480,7 +494,8 @@ def generate(pipeline_dir: str | Path, out_dir: str | Path, prompts: Sequence[st
     """Load a pipeline folder and generate a dataset folder (Python form of ``medsynth generate``).
 
     ``mask_options``: the mask fields of :class:`GenerationSettings` (``mask``, ``mask_source``,
-    ``bank``, ``lesions``, ``mask_guidance_scale``, ``max_retries``, ``keep_failed``, ...).
+    ``bank``, ``lesions``, ``mask_guidance_scale``, ``max_retries``, ``keep_failed``, ...) and
+    ``negative_prompt``.
     """
     size_ = None if size is None else tuple(int(s) for s in size)
     spacing_ = None if spacing is None else tuple(float(v) for v in spacing)

@@ -321,7 +321,29 @@ class MedSynthPipeline:
                               f"{tuple(round(s, 4) for s in first.spacing)}; leave spacing out")
         return masks * (batch // len(masks)), first.shape
 
-    def _mask_hook(self, masks: Sequence[Volume], padded: Sequence[int], text: Any, meta: Any) -> Any:
+    def negative_prompts(self, negative_prompt: str | Sequence[str] | None, prompts: Sequence[str | None],
+                          guidance: float, masked: bool, mask_guidance_scale: float | None) -> list[str] | None:
+        """One negative prompt per prompt, or None; ConfigError where it could not act."""
+        if negative_prompt is None:
+            return None
+        if any(p is None for p in prompts):
+            raise ConfigError("negative_prompt needs a prompt for every volume: under guidance it replaces the "
+                              "null text, so with prompt=None there is nothing to guide towards")
+        mask_guided = masked and (mask_guidance_scale if mask_guidance_scale is not None
+                                  else self.default_mask_guidance) not in (None, 1.0)
+        if guidance == 1.0 and not mask_guided:
+            raise ConfigError("negative_prompt acts through classifier-free guidance, but guidance_scale is 1 "
+                              "(no guidance); give a guidance_scale other than 1 (e.g. 3)")
+        negatives = self._prompts(negative_prompt, len(prompts))
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one for all "
+                              "or one per prompt")
+        if any(n is None for n in negatives):
+            raise ConfigError("negative_prompt holds None; give text for every volume, or leave negative_prompt out")
+        return [str(n) for n in negatives]
+
+    def _mask_hook(self, masks: Sequence[Volume], padded: Sequence[int], text: Any, meta: Any,
+                   negative_text: Any = None) -> Any:
         """The ControlNet's ``block_residuals_fn`` for masks padded (background) to ``padded``."""
         from medsynth.models.controlnet import make_block_residuals_fn, one_hot_mask
 
@@ -333,7 +355,8 @@ class MedSynthPipeline:
                   start[2]:start[2] + size[2]] = torch.from_numpy(np.asarray(m.array).astype(np.int64))
         onehot = one_hot_mask(label, int(self.controlnet.config.num_classes)).to(self.device)  # (B, K, PX, PY, PZ)
         param = next(self.controlnet.parameters())
-        return make_block_residuals_fn(self.controlnet, onehot.to(param.dtype), text, meta, guide_mask=True)
+        return make_block_residuals_fn(self.controlnet, onehot.to(param.dtype), text, meta, guide_mask=True,
+                                       negative_text=negative_text)
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str | None] | None, num_inference_steps: int | None = None,
@@ -342,7 +365,8 @@ class MedSynthPipeline:
                  spacing: Sequence[float] | float | None = None, size: Sequence[int] | None = None,
                  metadata: Mapping[str, Any] | None = None, progress: bool = False,
                  mask: Volume | Sequence[Volume] | None = None,
-                 mask_guidance_scale: float | None = None) -> list[Volume]:
+                 mask_guidance_scale: float | None = None,
+                 negative_prompt: str | Sequence[str] | None = None) -> list[Volume]:
         """Generate one volume per prompt (with a mask: one image per prompt for that label map).
 
         Args:
@@ -367,6 +391,10 @@ class MedSynthPipeline:
             mask_guidance_scale: separate mask guidance (default: the ControlNet's; None or
                 without a stored default: text and mask are guided together at
                 ``guidance_scale``). Needs a mask.
+            negative_prompt: what the volumes should not show (e.g. "no lesion" against "liver
+                lesion 30 mm"), one for all or one per prompt. Under guidance it stands where the
+                null text would, so guidance pushes from it towards the prompt (diffusers'
+                ``negative_prompt``). Needs a prompt and guidance (a scale other than 1).
 
         Returns:
             ``Volume`` list: ``(X, Y, Z)`` float32 in HU (CT) or normalised units (MR),
@@ -417,16 +445,19 @@ class MedSynthPipeline:
         text = None
         if any(p is not None for p in prompts):
             text = self.text_encoder.encode([p or "" for p in prompts], device=self.device)
+        negatives = self.negative_prompts(negative_prompt, prompts, guidance, masks is not None,
+                                           mask_guidance_scale)
+        negative_text = None if negatives is None else self.text_encoder.encode(negatives, device=self.device)
         scheduler = make_scheduler(sched_cfg.get("objective", "rectified_flow"), sched_cfg.get("sampler"),
                                    int(sched_cfg.get("num_train_timesteps", 1000)), float(sched_cfg.get("shift", 1.0)))
         if latents is not None:
             latents = latents * float(getattr(scheduler, "init_noise_sigma", 1.0))
         hook, mask_guidance = None, None
         if masks is not None:
-            hook = self._mask_hook(masks, padded, text, meta)
+            hook = self._mask_hook(masks, padded, text, meta, negative_text)
             mask_guidance = self.default_mask_guidance if mask_guidance_scale is None else mask_guidance_scale
             mask_guidance = None if mask_guidance is None else float(mask_guidance)
-        z = denoise(self.dit, scheduler, shape, Conditions(text, meta), steps, guidance,
+        z = denoise(self.dit, scheduler, shape, Conditions(text, meta, negative_text), steps, guidance,
                     gens[0] if gens else generator, latents=latents, device=self.device, progress=progress,
                     block_residuals_fn=hook, mask_guidance_scale=mask_guidance)
         z = z / self.scale_factor
@@ -441,6 +472,7 @@ class MedSynthPipeline:
         out = []
         for i in range(batch):
             extra = {"generator": "medsynth.MedSynthPipeline", "prompt": prompts[i],
+                     **({} if negatives is None else {"negative_prompt": negatives[i]}),
                      "pipeline_hash": self.pipeline_hash, "num_inference_steps": steps,
                      "guidance_scale": guidance, "metadata": records[i]}
             if masks is not None:

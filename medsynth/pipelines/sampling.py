@@ -38,10 +38,14 @@ class Conditions:
     Attributes:
         text: encoded prompts, batch B.
         metadata: tensors from ``DiT3D.encode_metadata``, batch B.
+        negative_text: encoded negative prompts, batch B: under guidance they stand where the
+            null text embedding would (diffusers' ``negative_prompt``), so guidance pushes from
+            what they describe towards ``text``. Needs ``text``; no effect without guidance.
     """
 
     text: TextEmbedding | None = None
     metadata: Mapping[str, Tensor] | None = None
+    negative_text: TextEmbedding | None = None
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -76,14 +80,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _batched_for_guidance(conditions: Conditions, batch: int, copies: int, device: torch.device
-                          ) -> tuple[TextEmbedding | None, dict[str, Tensor] | None, Tensor]:
-    """Conditions repeated ``copies`` times and the ``(copies * B,)`` drop mask: only the first
-    copy keeps text and metadata ([conditional; unconditional] or [full; mask only; unconditional])."""
-    text = None if conditions.text is None else TextEmbedding.cat([conditions.text] * copies).to(device)
+                          ) -> tuple[TextEmbedding | None, dict[str, Tensor] | None, Tensor, Tensor]:
+    """Conditions repeated ``copies`` times and the ``(copies * B,)`` drop masks of text and of
+    metadata: only the first copy keeps them ([conditional; unconditional] or [full; mask only;
+    unconditional]). With a negative prompt the other copies hold it instead of the null text."""
+    rest = conditions.negative_text if conditions.negative_text is not None else conditions.text
+    text = None if conditions.text is None else TextEmbedding.cat([conditions.text] + [rest] * (copies - 1)).to(device)
     metadata = None if conditions.metadata is None else {
         k: torch.cat([v] * copies).to(device) for k, v in conditions.metadata.items()}
     drop = torch.tensor([False] + [True] * (copies - 1)).repeat_interleave(batch).to(device)
-    return text, metadata, drop
+    drop_text = torch.zeros_like(drop) if conditions.negative_text is not None else drop
+    return text, metadata, drop_text, drop
 
 
 @torch.no_grad()
@@ -151,6 +158,13 @@ def denoise(model: nn.Module, scheduler: object, latents_shape: Sequence[int], c
         raise ConfigError(f"expects latents_shape (B, C, X, Y, Z), but got {shape}")
     conditions = conditions or Conditions()
     batch = shape[0]
+    if conditions.negative_text is not None:
+        if conditions.text is None:
+            raise ConfigError("a negative prompt needs a prompt: it replaces the null text embedding under guidance, "
+                              "and there is no text to guide towards")
+        if len(conditions.negative_text) != len(conditions.text):
+            raise ConfigError(f"got {len(conditions.negative_text)} negative prompts for {len(conditions.text)} "
+                              "prompts; give one per prompt")
 
     if latents is None:
         gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -166,11 +180,11 @@ def denoise(model: nn.Module, scheduler: object, latents_shape: Sequence[int], c
     else:
         copies = 2 if mask_guidance_scale is None and guidance_scale != 1.0 else 1
     if copies > 1:
-        text, metadata, drop = _batched_for_guidance(conditions, batch, copies, device)
+        text, metadata, drop_text, drop = _batched_for_guidance(conditions, batch, copies, device)
     else:
         text = None if conditions.text is None else conditions.text.to(device)
         metadata = None if conditions.metadata is None else {k: v.to(device) for k, v in conditions.metadata.items()}
-        drop = None
+        drop_text = drop = None
 
     scheduler.set_timesteps(num_inference_steps, device=device)
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False):
@@ -180,8 +194,8 @@ def denoise(model: nn.Module, scheduler: object, latents_shape: Sequence[int], c
         timesteps = t.to(device=device, dtype=torch.float32).expand(model_input.shape[0])  # (N,)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             residuals = None if block_residuals_fn is None else block_residuals_fn(model_input.to(dtype), timesteps)
-            prediction = model(model_input.to(dtype), timesteps, text, metadata, drop_text=drop, drop_metadata=drop,
-                               block_residuals=residuals).float()
+            prediction = model(model_input.to(dtype), timesteps, text, metadata, drop_text=drop_text,
+                               drop_metadata=drop, block_residuals=residuals).float()
         if copies == 2:
             conditional, unconditional = prediction.chunk(2)
             prediction = classifier_free_guidance(conditional, unconditional, guidance_scale)

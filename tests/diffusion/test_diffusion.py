@@ -120,6 +120,40 @@ def test_denoise_guided_step_matches_manual_combination():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_negative_prompt_stands_where_the_null_text_was():
+    """Guided step with a negative prompt: uncond + g * (cond - uncond), where "uncond" keeps the
+    negative prompt's text (never dropped) and drops only the metadata."""
+    model, conditions = tiny_dit_and_conditions()
+    encoder_prompts = ["CT abdomen portal venous, liver lesion 14 mm, female, 63", "MR head FLAIR, no tumour, male, 50"]
+    encoder = VocabTextEncoder.from_prompts(encoder_prompts, dim=32, depth=1, num_heads=4)
+    with torch.no_grad():
+        negative = encoder.encode(["no lesion", "no tumour"])
+    shape = (2, 3, 4, 4, 6)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    with_negative = Conditions(conditions.text, conditions.metadata, negative_text=negative)
+    out = denoise(model, make_scheduler("rectified_flow"), shape, with_negative, 1, 4.0, latents=start)
+    plain = denoise(model, make_scheduler("rectified_flow"), shape, conditions, 1, 4.0, latents=start)
+    with torch.no_grad():
+        t = torch.full((2,), 1000.0)
+        cond = model(start, t, conditions.text, conditions.metadata)
+        keep, drop = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+        uncond = model(start, t, negative, conditions.metadata, drop_text=keep, drop_metadata=drop)
+    expected = start + (0.0 - 1.0) * (uncond + 4.0 * (cond - uncond))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out, plain)  # the negative prompt changed the sample
+    # without guidance there is one branch and the negative prompt is not used
+    unguided = denoise(model, make_scheduler("rectified_flow"), shape, with_negative, 1, 1.0, latents=start)
+    torch.testing.assert_close(unguided, denoise(model, make_scheduler("rectified_flow"), shape, conditions, 1, 1.0,
+                                                 latents=start))
+    with pytest.raises(ConfigError, match="needs a prompt"):
+        denoise(model, make_scheduler("rectified_flow"), shape, Conditions(None, conditions.metadata, negative), 1,
+                4.0, latents=start)
+    with pytest.raises(ConfigError, match="1 negative prompts for 2"):
+        denoise(model, make_scheduler("rectified_flow"), shape,
+                Conditions(conditions.text, conditions.metadata, encoder.encode(["no lesion"])), 1, 4.0,
+                latents=start)
+
+
 def test_block_residuals_hook_is_called_with_model_batch():
     model, conditions = tiny_dit_and_conditions()
     shape = (2, 3, 4, 4, 6)

@@ -128,3 +128,30 @@ def test_sampling_hook_with_guidance():
     a, b, c = torch.randn(3, 2, 4, 4, 4, 2)
     assert torch.equal(dual_guidance(a, b, c, 1.0, 1.0), a)
     assert torch.allclose(dual_guidance(a, b, c, 3.0, 3.0), c + 3.0 * (a - c), atol=1e-5)
+
+
+def test_sampling_hook_gives_the_guided_branches_the_negative_prompt():
+    """The ControlNet sees what the base DiT sees: the prompt in the first branch, the negative
+    prompt (never dropped) in the others, metadata dropped there as without one."""
+    dit = trained_like_dit()
+    cn = ControlNet3D.from_dit(dit, 2, 3, 2).eval()
+    with torch.no_grad():  # leave zero-init, so that text reaches the residuals
+        for p in cn.parameters():
+            if p.abs().sum() == 0 and p.ndim > 0:
+                p.normal_(std=0.05)
+    encoder = VocabTextEncoder.from_prompts(["liver lesion", "no lesion"], dim=dit.config.text_dim, depth=1,
+                                            num_heads=4)
+    with torch.no_grad():
+        text, negative = encoder.encode(["liver lesion"]), encoder.encode(["no lesion"])
+    metadata = dit.encode_metadata([{"modality": "CT", "region": "abdomen", "spacing": [1, 1, 2]}])
+    mask = random_mask(1, 3, (8, 8, 4))
+    x, t = torch.randn(2, 4, 4, 4, 2), torch.full((2,), 10.0)
+    with_negative = make_block_residuals_fn(cn, mask, text, metadata, guide_mask=True, negative_text=negative)(x, t)
+    without = make_block_residuals_fn(cn, mask, text, metadata, guide_mask=True)(x, t)
+    with torch.no_grad():
+        expected = cn(x[1:], t[1:], negative, metadata, mask, drop_text=torch.tensor([False]),
+                      drop_metadata=torch.tensor([True]), drop_mask=torch.tensor([True]))
+    for got, plain, want in zip(with_negative, without, expected):
+        torch.testing.assert_close(got[:1], plain[:1])  # the conditional branch is unchanged
+        torch.testing.assert_close(got[1:], want)  # the guided branch holds the negative prompt
+        assert not torch.allclose(got[1:], plain[1:])

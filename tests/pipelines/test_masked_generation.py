@@ -103,6 +103,16 @@ def test_pipeline_generates_on_the_mask_grid(masked, pipe):
         pipe("CT abdomen", 1, mask=mask.with_array(np.full(mask.shape, 99, np.uint8), kind="label"))
     with pytest.raises(ConfigError, match="needs a mask"):
         pipe("CT abdomen", 1, mask_guidance_scale=2.0)
+    # a negative prompt with a mask: it replaces the null text in the mask-only and unconditional
+    # branches of the base DiT and of the ControlNet; text guidance 1 still acts through the mask's
+    negative = pipe("CT abdomen", 1, 1.0, g(), mask=mask, mask_guidance_scale=3.0, negative_prompt="CT head")[0]
+    again = pipe("CT abdomen", 1, 1.0, g(), mask=mask, mask_guidance_scale=3.0, negative_prompt="CT head")[0]
+    np.testing.assert_array_equal(negative.array, again.array)
+    plain_text = pipe("CT abdomen", 1, 1.0, g(), mask=mask, mask_guidance_scale=3.0)[0]
+    assert not np.allclose(negative.array, plain_text.array)
+    assert negative.metadata.extra["negative_prompt"] == "CT head"
+    with pytest.raises(ConfigError, match="guidance_scale is 1"):
+        pipe("CT abdomen", 1, 1.0, g(), mask=mask, mask_guidance_scale=1.0, negative_prompt="CT head")
 
 
 def _settings(**kw):

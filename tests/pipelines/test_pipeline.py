@@ -107,6 +107,43 @@ def test_sample_units_geometry_and_determinism(pipe):
     np.testing.assert_allclose(pair[0].array, c.array, atol=0.05)
 
 
+def test_negative_prompt_changes_the_guided_sample_and_is_recorded(pipe, pipe_dir, tmp_path):
+    import json
+
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    prompt, negative = "CT abdomen, liver lesion", "CT abdomen, no lesion"
+    plain = pipe(prompt, num_inference_steps=2, guidance_scale=3.0, generator=g(1))[0]
+    a = pipe(prompt, num_inference_steps=2, guidance_scale=3.0, generator=g(1), negative_prompt=negative)[0]
+    b = pipe(prompt, num_inference_steps=2, guidance_scale=3.0, generator=g(1), negative_prompt=negative)[0]
+    np.testing.assert_array_equal(a.array, b.array)  # deterministic per seed
+    assert not np.allclose(a.array, plain.array)  # guidance now starts from the negative prompt, not null text
+    assert a.metadata.extra["negative_prompt"] == negative and "negative_prompt" not in plain.metadata.extra
+    pair = pipe([prompt, prompt], num_inference_steps=2, guidance_scale=3.0, generator=[g(1), g(1)],
+                negative_prompt=[negative, "CT abdomen"])
+    np.testing.assert_allclose(pair[0].array, a.array, atol=0.05)  # one negative per prompt
+    assert not np.allclose(pair[1].array, a.array)
+    with pytest.raises(ConfigError, match="guidance_scale is 1"):
+        pipe(prompt, num_inference_steps=1, guidance_scale=1.0, negative_prompt=negative)
+    with pytest.raises(ConfigError, match="needs a prompt"):
+        pipe(None, num_inference_steps=1, guidance_scale=3.0, negative_prompt=negative)
+    with pytest.raises(ConfigError, match="3 negative prompts for 2"):
+        pipe([prompt, prompt], num_inference_steps=1, guidance_scale=3.0, negative_prompt=[negative] * 3)
+    from medsynth.pipelines.generate import generate
+
+    out = tmp_path / "neg"
+    generate(pipe_dir, out, prompt, 1, seed=1, num_inference_steps=2, guidance_scale=3.0, progress=False,
+             negative_prompt=negative)
+    record = json.loads((out / "provenance.jsonl").read_text().splitlines()[0])
+    assert record["negative_prompt"] == negative
+    assert json.loads((out / "dataset.json").read_text())["medsynth"]["generation"]["negative_prompt"] == negative
+    with pytest.raises(ConfigError, match="guidance_scale is 1"):  # refused before anything is written
+        generate(pipe_dir, tmp_path / "neg1", prompt, 1, num_inference_steps=1, guidance_scale=1.0, progress=False,
+                 negative_prompt=negative)
+    assert not (tmp_path / "neg1").exists()
+    with pytest.raises(ConfigError, match="--negative-prompt must be non-empty"):
+        generate(pipe_dir, tmp_path / "neg2", prompt, 1, negative_prompt="  ")
+
+
 def test_size_not_multiple_is_padded_and_cropped_back(pipe):
     assert pipe.size_multiple == (4, 4, 4) and pipe.padded_size((18, 16, 13)) == (20, 16, 16)
     vol = pipe("CT abdomen", num_inference_steps=1, size=(18, 16, 13), spacing=(1.0, 2.0, 3.0),
