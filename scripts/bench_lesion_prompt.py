@@ -204,6 +204,8 @@ def sweep_row(guidance: float, rows: dict) -> dict:
             "fisher_p": round(fisher_p(a["with_lesion"], a["samples"], b["with_lesion"], b["samples"]), 5),
             "fisher_p_spot": round(fisher_p(a["with_spot"], a["samples"], b["with_spot"], b["samples"]), 5),
             "spread": [a["spread"], b["spread"]],
+            # samples whose liver the spot rule could not search (the segmenter outlined none big enough)
+            "unsearched": [sum(v is None for v in r["spot_scores"]) for r in (a, b)],
             "median_spot_score": [None if any(v is None for v in r["spot_scores"])
                                   else round(float(np.median(r["spot_scores"])), 4) for r in (a, b)]}
 
@@ -412,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         route = (mask_route(args, work, export, dit, encoder, autoencoder, scale, meta, latent_shape, timings,
                             lambda v: segment(judge, v), spot, lesion) if args.via_masks else None)
     png = figure(rows, args.out / "figures" / f"{stem}.png")
+    if negative_sweep:  # the first guided scale's negative-prompt samples, as the plain ones above
+        first = next(iter(negative_sweep))
+        negative_png = figure(negative_sweep[first], args.out / "figures" / f"{stem}_negative.png",
+                              suptitle=f"each prompt with the other as its negative prompt, guidance {first:g}, same "
+                                       "seeds per column; red: the segmenter's lesion voxels; 'spot': the spot rule "
+                                       "fires")
     route_png = None
     if route is not None:
         route_png = figure(route.pop("headline"), args.out / "figures" / f"{stem}_route.png",
@@ -448,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         "fisher_p": sweep_rows[0]["fisher_p"],
         "fisher_p_spot": sweep_rows[0]["fisher_p_spot"],
         "guidance_sweep": sweep_rows,
-        **({"negative_sweep": [sweep_row(g, rows_) for g, rows_ in negative_sweep.items()]} if args.negative else {}),
+        **({"negative_sweep": [sweep_row(g, rows_) for g, rows_ in negative_sweep.items()],
+            "negative_figure": str(negative_png)} if negative_sweep else {}),
         "figure": str(png),
         **({"mask_route": route} if route is not None else {}),
         "seconds": round(time.perf_counter() - start, 1),
@@ -520,14 +529,23 @@ def negative_lines(r: dict) -> list[str]:
              "guidance pushes from 'no lesion' towards 'liver lesion' (and back); the same DiT and seeds. Samples "
              "with a lesion, lesion prompt vs no-lesion prompt:", "",
              "| guidance | segmenter, null text | with negative prompts | p | spot rule, null text | "
-             "with negative prompts | p |", "|---|---|---|---|---|---|---|"]
+             "with negative prompts | p | no liver to search, with negative prompts |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in r.get("negative_sweep", []):
         n, base = row["samples"], plain.get(row["guidance"], {})
         seg0, spot0 = base.get("segmenter", ["-", "-"]), base.get("spot", ["-", "-"])
+        lost = row.get("unsearched", ["-", "-"])
         lines.append(f"| {row['guidance']:g} | {seg0[0]}/{n} vs {seg0[1]}/{n} | {row['segmenter'][0]}/{n} vs "
                      f"{row['segmenter'][1]}/{n} | {row['fisher_p']} | {spot0[0]}/{n} vs {spot0[1]}/{n} | "
-                     f"{row['spot'][0]}/{n} vs {row['spot'][1]}/{n} | {row['fisher_p_spot']} |")
-    return lines + [""] if r.get("negative_sweep") else []
+                     f"{row['spot'][0]}/{n} vs {row['spot'][1]}/{n} | {row['fisher_p_spot']} | "
+                     f"{lost[0]}/{n} vs {lost[1]}/{n} |")
+    if not r.get("negative_sweep"):
+        return []
+    lines += ["", "'No liver to search': samples where the segmenter outlined no liver big enough for the spot rule; "
+              "the rule then reports no lesion, so such samples say nothing about lesions."]
+    if r.get("negative_figure"):
+        lines += ["", f"![negative-prompt samples](figures/{Path(r['negative_figure']).name})"]
+    return lines + [""]
 
 
 def sweep_lines(r: dict) -> list[str]:

@@ -48,7 +48,11 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     negative = result["negative_sweep"]
     assert [row["guidance"] for row in negative] == [3.0]
     assert all(row["samples"] == 2 and 0 <= row["fisher_p_spot"] <= 1 for row in negative)
-    assert "Negative prompts (`--negative`)" in page
+    assert negative[0]["unsearched"] == [2, 2]  # the 4-step judge outlines no liver: every sample unsearched
+    assert all(row["unsearched"] == [2, 2] for row in sweep)
+    assert "Negative prompts (`--negative`)" in page and "| 2/2 vs 2/2 |" in page
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_negative.png").stat().st_size > 5000
+    assert "lesion_prompt_cpu_dw20_neg_masks_negative.png" in page
     # the mask route: a label generator and a ControlNet trained, each prompt's maps drawn and their images judged
     route = result["mask_route"]
     assert route["settings"]["controlnet_steps"] == 4 == route["settings"]["label_steps"]
