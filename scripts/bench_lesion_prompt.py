@@ -139,34 +139,22 @@ def spread(volumes: list[np.ndarray]) -> float:
     return round(float(np.std(np.stack(volumes), axis=0).mean()), 4)
 
 
-def sample_masked(dit, encoder, controlnet, autoencoder, scale: float, prompt: str, meta: dict,
-                  maps: list[np.ndarray], steps: int, guidance: float, mask_guidance: float,
-                  latent_shape: tuple[int, ...], seed: int) -> list[np.ndarray]:
-    """One decoded image ``(X, Y, Z)`` (model range) per label map ``(X, Y, Z)``, from the prompt and
-    the map: the pipeline's ControlNet path (text and mask guided separately), seeded as ``sample``."""
-    from medsynth.diffusion import make_scheduler
-    from medsynth.models.controlnet import make_block_residuals_fn, one_hot_mask
-    from medsynth.pipelines.sampling import Conditions, denoise
-
-    n = len(maps)
-    with torch.no_grad():
-        text = encoder.encode([prompt] * n)
-        metadata = dit.encode_metadata([meta] * n)
-        onehot = one_hot_mask(torch.from_numpy(np.stack(maps).astype(np.int64)), int(controlnet.config.num_classes))
-    hook = make_block_residuals_fn(controlnet, onehot, text, metadata, guide_mask=True)
-    z = denoise(dit, make_scheduler("rectified_flow"), (n, *latent_shape), Conditions(text, metadata), steps,
-                guidance, torch.Generator().manual_seed(seed), block_residuals_fn=hook,
-                mask_guidance_scale=mask_guidance)
-    with torch.no_grad():
-        volumes = autoencoder.decode(z / scale).clamp(-1, 1)
-    return [v[0].numpy() for v in volumes]
-
-
 def lesion_components(label: np.ndarray, lesion: int) -> int:
     """Connected lesion regions (26-connectivity) in a label map."""
     from scipy import ndimage
 
     return int(ndimage.label(label == lesion, structure=np.ones((3, 3, 3)))[1])
+
+
+def judge_images(images: list[np.ndarray], segmenter, spot, lesion: int) -> list[tuple[np.ndarray, int, dict]]:
+    """Per image: the segmenter's lesion mask, its voxel count and the spot rule's verdict
+    (``segmenter``: image -> label map; ``spot``: (image, label map) -> verdict)."""
+    out = []
+    for image in images:
+        predicted = segmenter(image)
+        mask = predicted == lesion
+        out.append((mask, int(mask.sum()), spot(image, predicted)))
+    return out
 
 
 def mask_route_row(prompt: str, maps: list[np.ndarray], judged: list[tuple[int, dict]], lesion: int,
@@ -392,11 +380,9 @@ def main(argv: list[str] | None = None) -> int:
             volumes = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
                              guidance, drop_text=False, drop_metadata=False, latent_shape=latent_shape,
                              seed=2024, negative=negative)
-            predictions = [segment(judge, v) for v in volumes]
-            masks = [p == lesion for p in predictions]
-            counts = [int(m.sum()) for m in masks]
+            judged = judge_images(volumes, lambda v: segment(judge, v), spot, lesion)
+            masks, counts, spots = [m for m, _, _ in judged], [c for _, c, _ in judged], [s for _, _, s in judged]
             hits = sum(c >= args.min_lesion_voxels for c in counts)
-            spots = [spot(v, p) for v, p in zip(volumes, predictions)]
             found = [s["detected"] for s in spots]
             return {"prompt": prompt, **({} if negative is None else {"negative_prompt": negative}),
                     "samples": len(volumes), "with_lesion": int(hits), "spread": spread(volumes),
@@ -476,6 +462,8 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
     ``segmenter``: image -> the judge's label map; ``spot``: (image, label map) -> the spot rule's verdict.
     Returns the record (``summary`` per label guidance, ``rows`` of the first) and ``headline`` (the
     first guidance's rows with volumes and map lesions, for the figure)."""
+    from bench_modality import sample
+
     from medsynth.cli.controlnet import load_controlnet_config
     from medsynth.cli.labels import load_label_config
     from medsynth.pipelines.label_generator_source import LabelGenerator
@@ -503,12 +491,10 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
             maps = [np.asarray(v.array, np.int64) for v in
                     labels([prompt] * args.samples, generators, size=(args.size,) * 3, spacing=meta["spacing"],
                            guidance_scale=label_guidance)]
-            images = sample_masked(dit, encoder, controlnet, autoencoder, scale, prompt, meta, maps, args.steps,
-                                   args.guidance[0], args.mask_guidance, latent_shape, seed=2024)
-            judged = []
-            for image in images:
-                predicted = segmenter(image)
-                judged.append((int((predicted == lesion).sum()), spot(image, predicted)))
+            images = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
+                            args.guidance[0], drop_text=False, drop_metadata=False, latent_shape=latent_shape,
+                            seed=2024, controlnet=controlnet, masks=maps, mask_guidance=args.mask_guidance)
+            judged = [(count, verdict) for _, count, verdict in judge_images(images, segmenter, spot, lesion)]
             rows[key] = mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels)
             if label_guidance == args.label_guidance[0]:  # the headline: its samples go into the figure
                 headline[key] = {**rows[key], "volumes": images, "masks": [m == lesion for m in maps]}

@@ -143,19 +143,30 @@ def wasserstein(a: np.ndarray, b: np.ndarray) -> float:
 
 def sample(dit, encoder, autoencoder, scale: float, prompt: str, meta: dict, n: int, steps: int, guidance: float,
            drop_text: bool, drop_metadata: bool, latent_shape: tuple[int, ...], seed: int,
-           negative: str | None = None) -> list[np.ndarray]:
-    """``n`` decoded samples ``(X, Y, Z)`` in the model range for one condition (``negative``: a
-    negative prompt, standing where the null text would under guidance)."""
+           negative: str | None = None, controlnet=None, masks: list[np.ndarray] | None = None,
+           mask_guidance: float | None = None) -> list[np.ndarray]:
+    """``n`` decoded samples ``(X, Y, Z)`` in the model range for one condition.
+
+    ``negative``: a negative prompt, standing where the null text would under guidance.
+    ``controlnet`` with ``masks`` (``n`` label maps ``(X, Y, Z)``): the pipeline's mask path, the
+    mask guided at ``mask_guidance`` and the text at ``guidance``."""
     from medsynth.diffusion import make_scheduler
+    from medsynth.models.controlnet import make_block_residuals_fn, one_hot_mask
     from medsynth.pipelines.sampling import Conditions, denoise
 
     with torch.no_grad():  # a condition left out is None: the model's null embedding
         text = None if drop_text else encoder.encode([prompt] * n)
         metadata = None if drop_metadata else dit.encode_metadata([meta] * n)
         negative_text = None if negative is None else encoder.encode([negative] * n)
+    hook = None
+    if controlnet is not None:
+        onehot = one_hot_mask(torch.from_numpy(np.stack(masks).astype(np.int64)), int(controlnet.config.num_classes))
+        hook = make_block_residuals_fn(controlnet, onehot, text, metadata, guide_mask=True,
+                                       negative_text=negative_text)
     conditions = Conditions(text, metadata, negative_text)
     z = denoise(dit, make_scheduler("rectified_flow"), (n, *latent_shape), conditions, steps, guidance,
-                torch.Generator().manual_seed(seed))
+                torch.Generator().manual_seed(seed), block_residuals_fn=hook,
+                mask_guidance_scale=mask_guidance if hook is not None else None)
     with torch.no_grad():
         volumes = autoencoder.decode(z / scale).clamp(-1, 1)
     return [v[0].numpy() for v in volumes]

@@ -7,10 +7,15 @@ sampling time.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from medsynth.errors import ConfigError
+
+if TYPE_CHECKING:  # the text encoder's module imports torch models; only its type is needed here
+    from medsynth.models.text_encoder import TextEmbedding
 
 
 def classifier_free_guidance(conditional: Tensor, unconditional: Tensor, guidance_scale: float) -> Tensor:
@@ -35,6 +40,24 @@ def dual_guidance(full: Tensor, mask_only: Tensor, unconditional: Tensor, text_s
     if text_scale == 1.0 and mask_scale == 1.0:
         return full
     return unconditional + mask_scale * (mask_only - unconditional) + text_scale * (full - mask_only)
+
+
+def guided_text(text: TextEmbedding | None, negative_text: TextEmbedding | None, copies: int,
+                drop: Tensor) -> tuple[TextEmbedding | None, Tensor]:
+    """The text of ``copies`` guidance branches and its ``(copies * B,)`` drop mask.
+
+    ``drop`` is the branches' drop mask (True where the condition is dropped). Without a negative
+    prompt every branch holds ``text`` and the text follows ``drop``; with one, the branches after
+    the first hold ``negative_text`` (batch B) instead and nothing is dropped: it stands where
+    the null text embedding would (diffusers' ``negative_prompt``).
+    """
+    from medsynth.models.text_encoder import TextEmbedding
+
+    if text is None:
+        return None, drop
+    negative = negative_text is not None
+    parts = [text] + [negative_text if negative else text] * (copies - 1)
+    return TextEmbedding.cat(parts), (torch.zeros_like(drop) if negative else drop)
 
 
 def _check_rate(name: str, rate: float) -> float:
@@ -86,4 +109,4 @@ def forget_sequence(metadata: dict[str, Tensor], rate: float, generator: torch.G
     return {**metadata, "sequence": torch.where(draw < rate, torch.zeros_like(sequence), sequence)}
 
 
-__all__ = ["classifier_free_guidance", "dual_guidance", "sample_condition_dropout", "forget_sequence"]
+__all__ = ["classifier_free_guidance", "dual_guidance", "guided_text", "sample_condition_dropout", "forget_sequence"]

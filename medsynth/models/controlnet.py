@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medsynth.diffusion.guidance import dual_guidance
+from medsynth.diffusion.guidance import dual_guidance, guided_text
 from medsynth.errors import ConfigError
 from medsynth.models.dit import DiT3D, DiTConfig
 from medsynth.models.embeddings import sincos_position_embedding_3d
@@ -341,14 +341,12 @@ class ControlResiduals:
         copies = len(drop_cond)
         device = x.device
         batch = x.shape[0] // copies
-        negative = self.negative_text is not None and self.text is not None
-        parts = [self.text] + [self.negative_text if negative else self.text] * (copies - 1)
-        text = None if self.text is None else TextEmbedding.cat(parts).to(device)
         metadata = None if self.metadata is None else {k: torch.cat([v] * copies).to(device)
                                                        for k, v in self.metadata.items()}
         mask = None if self.mask is None else torch.cat([self.mask] * copies).to(device)
         drop = torch.tensor(drop_cond, device=device).repeat_interleave(batch)
-        drop_text = torch.zeros_like(drop) if negative else drop  # the negative prompt is never dropped
+        text, drop_text = guided_text(self.text, self.negative_text, copies, drop)  # as denoise's branches
+        text = None if text is None else text.to(device)
         dmask = torch.tensor(drop_mask, device=device).repeat_interleave(batch)
         return self.controlnet(x, timesteps, text, metadata, mask, drop_text=drop_text, drop_metadata=drop,
                                drop_mask=dmask, conditioning_scale=self.conditioning_scale)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from medsynth.diffusion.guidance import classifier_free_guidance, dual_guidance
+from medsynth.diffusion.guidance import classifier_free_guidance, dual_guidance, guided_text
 from medsynth.errors import ConfigError
 from medsynth.models.text_encoder import TextEmbedding
 
@@ -84,13 +84,11 @@ def _batched_for_guidance(conditions: Conditions, batch: int, copies: int, devic
     """Conditions repeated ``copies`` times and the ``(copies * B,)`` drop masks of text and of
     metadata: only the first copy keeps them ([conditional; unconditional] or [full; mask only;
     unconditional]). With a negative prompt the other copies hold it instead of the null text."""
-    rest = conditions.negative_text if conditions.negative_text is not None else conditions.text
-    text = None if conditions.text is None else TextEmbedding.cat([conditions.text] + [rest] * (copies - 1)).to(device)
     metadata = None if conditions.metadata is None else {
         k: torch.cat([v] * copies).to(device) for k, v in conditions.metadata.items()}
     drop = torch.tensor([False] + [True] * (copies - 1)).repeat_interleave(batch).to(device)
-    drop_text = torch.zeros_like(drop) if conditions.negative_text is not None else drop
-    return text, metadata, drop_text, drop
+    text, drop_text = guided_text(conditions.text, conditions.negative_text, copies, drop)
+    return None if text is None else text.to(device), metadata, drop_text, drop
 
 
 @torch.no_grad()
