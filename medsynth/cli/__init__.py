@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "medsynth.cli.generate",
     "medsynth.cli.benchmark",
     "medsynth.cli.controlnet",
+    "medsynth.cli.refiner",
     "medsynth.cli.labels",
     "medsynth.cli.demo",
     "medsynth.cli.cohort",

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="mask bank (`medsynth labels bank`) copied in as the default mask source")
     asm.add_argument("--label-generator", type=Path, default=None,
                      help="label generator export (`medsynth labels fit` OUT/export) for --mask-source generator")
+    asm.add_argument("--refiner", type=Path, default=None,
+                     help="mask refiner export (`medsynth refiner fit` OUT/export): refines mask-conditioned "
+                          "images from their mask at full resolution; needs --controlnet")
     asm.add_argument("--data", type=Path, default=None,
                      help="dataset folder for the quality ranges (default: the one recorded in the cache)")
     asm.add_argument("--segmenter-steps", type=int, default=200,
@@ -80,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="with --mask-source generator: lesions per mask, within the training range (repeatable)")
     gen.add_argument("--mask-guidance", type=float, default=None,
                      help="separate mask guidance scale (default: the ControlNet's)")
+    gen.add_argument("--no-refiner", action="store_true",
+                     help="do not refine mask-conditioned images with the pipeline's mask refiner")
     gen.add_argument("--max-retries", type=int, default=2,
                      help="regenerations of a sample failing the quality gate (default 2)")
     gen.add_argument("--keep-failed", action="store_true",
@@ -121,7 +126,8 @@ def run_assemble(args: argparse.Namespace) -> int:
 
     out = assemble_pipeline(args.autoencoder, args.dit, args.cache, args.out, name=args.name,
                             controlnet_dir=args.controlnet, bank_dir=args.bank, data_dir=args.data,
-                            label_generator_dir=args.label_generator, segmenter_steps=args.segmenter_steps,
+                            label_generator_dir=args.label_generator, refiner_dir=args.refiner,
+                            segmenter_steps=args.segmenter_steps,
                             segmenter_lr_schedule=args.segmenter_lr_schedule,
                             segmenter_augmentation=args.segmenter_augmentation)
     print(f"pipeline written to {out} ({PIPELINE_FILE})")
@@ -144,7 +150,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                   max_retries=args.max_retries, keep_failed=args.keep_failed,
                                   min_dice=args.min_dice, quality_gate=not args.no_quality_gate,
                                   label_attributes=list(args.label_attribute), lesion_counts=list(args.lesion_count),
-                                  negative_prompt=args.negative_prompt)
+                                  negative_prompt=args.negative_prompt, refine=not args.no_refiner)
     if args.mask is not None and not args.mask.is_file():
         raise ConfigError(f"--mask file {args.mask} does not exist")
     pipeline = MedSynthPipeline.from_pretrained(args.pipeline, device=_device(args.device),

@@ -9,6 +9,8 @@ compares the maps it samples against them.
   other spacings compare directly);
 * lesion count: connected components (26-connectivity) of a lesion class, i.e. one whose name
   contains "lesion", "tumor", "tumour" or "metasta";
+* lesion size: the volume (mL) of each such component, pooled over cases (a set of maps can hold
+  the right number of lesions and still draw them too small);
 * comparison per class: median of each set, relative difference of the medians, and the
   two-sample Kolmogorov-Smirnov statistic (largest gap between the empirical CDFs).
 """
@@ -39,24 +41,32 @@ def case_statistics(array: np.ndarray, labels: Mapping[str, int], spacing: Seque
         spacing: voxel size in mm.
 
     Returns:
-        ``{"volumes_ml": {name: float}, "lesion_counts": {name: int}}``.
+        ``{"volumes_ml": {name: float}, "lesion_counts": {name: int}, "lesion_sizes_ml": {name: [float]}}``
+        (one size per component of each lesion class, largest first).
     """
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     counts = np.bincount(np.asarray(array).ravel().astype(np.int64), minlength=max(labels.values()) + 1)
     volumes = {name: float(counts[value]) * voxel_ml for name, value in labels.items() if value != 0}
-    lesions = {name: int(ndimage.label(np.asarray(array) == labels[name], structure=STRUCTURE_26)[1])
-               for name in lesion_classes(labels)}
-    return {"volumes_ml": volumes, "lesion_counts": lesions}
+    lesions, sizes = {}, {}
+    for name in lesion_classes(labels):
+        components, found = ndimage.label(np.asarray(array) == labels[name], structure=STRUCTURE_26)
+        lesions[name] = int(found)
+        voxels = np.bincount(components.ravel())[1:]
+        sizes[name] = sorted((float(v) * voxel_ml for v in voxels), reverse=True)
+    return {"volumes_ml": volumes, "lesion_counts": lesions, "lesion_sizes_ml": sizes}
 
 
 def collect_statistics(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-case results of :func:`case_statistics` -> ``{"num_cases", "volumes_ml": {name: [...]},
-    "lesion_counts": {name: [...]}}`` (one list entry per case, in case order)."""
-    out: dict[str, Any] = {"num_cases": len(cases), "volumes_ml": {}, "lesion_counts": {}}
+    "lesion_counts": {name: [...]}, "lesion_sizes_ml": {name: [...]}}`` (volumes and counts: one
+    entry per case, in case order; sizes: one per lesion, pooled over cases)."""
+    out: dict[str, Any] = {"num_cases": len(cases), "volumes_ml": {}, "lesion_counts": {}, "lesion_sizes_ml": {}}
     for case in cases:
         for key in ("volumes_ml", "lesion_counts"):
             for name, value in case[key].items():
                 out[key].setdefault(name, []).append(value)
+        for name, sizes in case.get("lesion_sizes_ml", {}).items():
+            out["lesion_sizes_ml"].setdefault(name, []).extend(sizes)
     return out
 
 
@@ -80,8 +90,12 @@ def compare_statistics(reference: Mapping[str, Any], generated: Mapping[str, Any
     Returns:
         ``{"volumes": {name: {"reference_median_ml", "generated_median_ml", "relative_median_difference",
         "ks_statistic", "ks_pvalue"}}, "lesion_counts": {name: {"reference_mean", "generated_mean",
-        "reference_histogram", "generated_histogram"}}, "max_relative_median_difference",
-        "max_ks_statistic"}`` (the maxima over classes present in the reference).
+        "reference_histogram", "generated_histogram"}}, "lesion_sizes": {name: {"reference_lesions",
+        "generated_lesions", "reference_median_ml", "generated_median_ml", "size_ratio", "ks_statistic",
+        "ks_pvalue"}}, "max_relative_median_difference", "max_ks_statistic"}`` (the maxima over
+        classes present in the reference). ``lesion_sizes`` compares the pooled per-lesion volumes
+        (``size_ratio``: generated / reference median) and is empty for statistics written before
+        sizes were collected.
     """
     volumes: dict[str, Any] = {}
     for name, ref in reference["volumes_ml"].items():
@@ -101,8 +115,21 @@ def compare_statistics(reference: Mapping[str, Any], generated: Mapping[str, Any
         lesions[name] = {"reference_mean": round(float(np.mean(ref)), 3) if len(ref) else None,
                          "generated_mean": round(float(np.mean(gen)), 3) if len(gen) else None,
                          "reference_histogram": _histogram(ref), "generated_histogram": _histogram(gen)}
+    sizes: dict[str, Any] = {}
+    for name, ref in reference.get("lesion_sizes_ml", {}).items():
+        ref_a = np.asarray(ref, dtype=float)
+        gen_a = np.asarray(generated.get("lesion_sizes_ml", {}).get(name, []), dtype=float)
+        ref_med = float(np.median(ref_a)) if ref_a.size else None
+        gen_med = float(np.median(gen_a)) if gen_a.size else None
+        ks = stats.ks_2samp(ref_a, gen_a) if ref_a.size and gen_a.size else None
+        sizes[name] = {"reference_lesions": int(ref_a.size), "generated_lesions": int(gen_a.size),
+                       "reference_median_ml": None if ref_med is None else round(ref_med, 3),
+                       "generated_median_ml": None if gen_med is None else round(gen_med, 3),
+                       "size_ratio": round(gen_med / ref_med, 3) if ref_med and gen_med is not None else None,
+                       "ks_statistic": None if ks is None else round(float(ks.statistic), 4),
+                       "ks_pvalue": None if ks is None else round(float(ks.pvalue), 4)}
     present = [v for n, v in volumes.items() if v["reference_median_ml"] > 0]
-    return {"volumes": volumes, "lesion_counts": lesions,
+    return {"volumes": volumes, "lesion_counts": lesions, "lesion_sizes": sizes,
             "max_relative_median_difference": max((v["relative_median_difference"] for v in present), default=0.0),
             "max_ks_statistic": max((v["ks_statistic"] or 0.0 for v in present), default=0.0)}
 

@@ -142,6 +142,22 @@ def _check_label_generator(directory: Path, header: dict[str, Any]) -> dict[str,
     return dict(export.config)
 
 
+def _check_refiner(directory: Path, autoencoder_sha256: str, header: dict[str, Any]) -> dict[str, Any]:
+    """Read a mask refiner export and check it belongs behind this autoencoder and label table."""
+    export = read_export(directory, kind="mask_refiner")  # InputError for a broken or other export
+    trained_behind = export.metadata.get("autoencoder_sha256")
+    if trained_behind and trained_behind != autoencoder_sha256:
+        raise InputError(f"the mask refiner was trained behind the autoencoder {str(trained_behind)[:12]}..., not "
+                         f"this pipeline's ({autoencoder_sha256[:12]}...); train it (`medsynth refiner fit`) on "
+                         f"this autoencoder's cache", directory)
+    labels = {str(k): int(v) for k, v in dict(export.config.get("labels") or {}).items()}
+    cache_labels = {str(k): int(v) for k, v in dict(header.get("labels") or {}).items()}
+    if cache_labels and labels != cache_labels:
+        raise InputError(f"the mask refiner was trained on labels {labels}, but the model's are {cache_labels}",
+                         directory)
+    return dict(export.config)
+
+
 def training_pairs(data_dir: str | Path, splits: Sequence[str]) -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]]:
     """``(dataset, [(image in the model range [-1, 1], label)])`` of the labelled cases in ``splits``."""
     from medsynth.data.manifest import read_dataset
@@ -235,7 +251,7 @@ def _copy_tree_hashed(src: Path, dest: Path, pattern: str = "**/*") -> dict[str,
 def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_dir: str | Path,
                       out_dir: str | Path, *, name: str | None = None, controlnet_dir: str | Path | None = None,
                       bank_dir: str | Path | None = None, data_dir: str | Path | None = None,
-                      label_generator_dir: str | Path | None = None,
+                      label_generator_dir: str | Path | None = None, refiner_dir: str | Path | None = None,
                       segmenter_steps: int = DEFAULT_SEGMENTER_STEPS, segmenter_lr_schedule: str = "constant",
                       segmenter_augmentation: str = "none") -> Path:
     """Write a pipeline folder from an autoencoder export, a DiT export and their latent cache.
@@ -254,6 +270,9 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
             path recorded in ``cache.json``).
         label_generator_dir: optional label generator export (``medsynth labels fit``
             ``RUN/export``) with the model's label table; needs ``controlnet_dir``.
+        refiner_dir: optional mask refiner export (``medsynth refiner fit`` ``RUN/export``)
+            trained behind this autoencoder; mask-conditioned images are refined by it. Needs
+            ``controlnet_dir``.
         segmenter_steps: with a ControlNet, train the quality gate's agreement segmenter (MONAI
             SegResNet) on the training split for this many steps and store it in
             ``segmenter/``; 0 keeps the intensity-threshold baseline.
@@ -266,7 +285,7 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
 
     Raises:
         InputError: unreadable exports or cache, or parts that do not belong together.
-        ConfigError: a bank or label generator without a ControlNet.
+        ConfigError: a bank, label generator or refiner without a ControlNet.
     """
     from medsynth.pipelines.latent_cache import read_cache_stats
 
@@ -320,6 +339,11 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
         if controlnet_dir is None:
             raise ConfigError("--label-generator needs --controlnet: generated masks condition the ControlNet")
         generator = _check_label_generator(Path(label_generator_dir), header)
+    refiner = None
+    if refiner_dir is not None:
+        if controlnet_dir is None:
+            raise ConfigError("--refiner needs --controlnet: the refiner reads the mask an image was generated from")
+        refiner = _check_refiner(Path(refiner_dir), ae.sha256, header)
     cases = _cache_cases(cache)
     modality = str(_most_common([r.get("modality") for r in cases]) or ae.metadata.get("modality") or "")
     if modality not in ("CT", "MR"):
@@ -402,6 +426,10 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
                                          "source": str(label_generator_dir), "labels": dict(generator["labels"]),
                                          "sampling": dict(generator.get("sampling") or {}),
                                          "attributes": list(generator["dit"].get("attributes") or [])}
+    if refiner is not None:
+        components["refiner"] = {"kind": "mask_refiner", "path": "refiner",
+                                 "files": _copy_export(Path(refiner_dir), out / "refiner"),
+                                 "source": str(refiner_dir), "model": dict(refiner.get("model") or {})}
     from medsynth import __version__
 
     record = {

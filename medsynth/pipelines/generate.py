@@ -93,6 +93,8 @@ class GenerationSettings:
         lesion_counts: ``CLASS=N`` (or ``N``) lesion-count requests for the label generator.
         negative_prompt: what no case should show, for every case (see
             :meth:`MedSynthPipeline.__call__`); needs guidance.
+        refine: refine mask-conditioned images with the pipeline's mask refiner, when it has
+            one (``--no-refiner`` turns it off).
     """
 
     prompts: list[str]
@@ -117,6 +119,7 @@ class GenerationSettings:
     label_attributes: list[str] = field(default_factory=list)
     lesion_counts: list[str] = field(default_factory=list)
     negative_prompt: str | None = None
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -178,7 +181,8 @@ class GenerationSettings:
                 "spacing": None if self.spacing is None else list(self.spacing),
                 "metadata": dict(self.metadata),
                 # only when given, so folders made before the option existed resume unchanged
-                **({} if self.negative_prompt is None else {"negative_prompt": self.negative_prompt})}
+                **({} if self.negative_prompt is None else {"negative_prompt": self.negative_prompt}),
+                **({} if self.refine else {"refine": False})}
 
 
 def _write_provenance(path: Path, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -437,7 +441,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
                     return pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(s)],
                                     metadata=settings.metadata, mask=label,
                                     mask_guidance_scale=settings.mask_guidance_scale,
-                                    negative_prompt=settings.negative_prompt)[0]
+                                    negative_prompt=settings.negative_prompt, refine=settings.refine)[0]
 
                 if has_image:  # only DICOM missing: the image that was kept
                     seed_used = int(provenance.get(case_id, {}).get("quality", {}).get("seed_used", seed))
@@ -446,7 +450,8 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
                     volume, seed_used, attempts, passed = generate_checked(make, label, seed, check,
                                                                            settings.max_retries)
                 facts.update(mask=mask_info, lesions=lesion_records,
-                             mask_guidance_scale=volume.metadata.extra.get("mask_guidance_scale"))
+                             mask_guidance_scale=volume.metadata.extra.get("mask_guidance_scale"),
+                             refined_with_mask=bool(volume.metadata.extra.get("refined_with_mask")))
                 if check is not None and not has_image:
                     facts["quality"] = {"passed": passed, "seed_used": seed_used, "attempts": attempts}
                     facts["flagged"] = not passed

@@ -162,6 +162,23 @@ def latent_statistics(cache_dir: str | Path) -> dict[str, Any]:
             "scale_factor_note": "multiply latents by scale_factor before diffusion; divide before decoding"}
 
 
+def read_cache_header(cache_dir: str | Path) -> dict[str, Any]:
+    """``cache.json`` of a cache (the autoencoder, dataset, factor and label table it was made
+    with); ``{}`` for a folder without one (caches written before the header had its name).
+
+    Raises:
+        InputError: the header is not valid JSON.
+    """
+    for name in ("cache.json", "header.json"):
+        path = Path(cache_dir) / name
+        if path.is_file():
+            try:
+                return dict(json.loads(path.read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+                raise InputError(f"{name} is corrupt; delete the cache folder and encode again", path) from None
+    return {}
+
+
 def read_cache_stats(cache_dir: str | Path) -> dict[str, Any]:
     """stats.json of a finished cache (InputError when the cache is incomplete)."""
     path = Path(cache_dir) / "stats.json"

@@ -15,13 +15,16 @@ A pipeline folder (written by :func:`medsynth.pipelines.assemble.assemble_pipeli
     bank/                  optional: a mask bank (``medsynth labels bank``) to draw masks from
     label_generator/       optional: config.json + model.safetensors (``medsynth labels fit``),
                            a model that makes new masks from text and attributes
+    refiner/               optional: config.json + model.safetensors (``medsynth refiner fit``),
+                           refines mask-conditioned images from their mask at full resolution
 
 Masks: with a ControlNet, ``pipe(prompt, mask=label_volume)`` generates an image on exactly the
 mask's grid (shape and affine), so the mask *is* its label map.
 
 Sampling: noise ``(B, L, x, y, z)`` -> :func:`medsynth.pipelines.sampling.denoise` (the one
 denoising loop) -> divide by the cache's scale factor -> :func:`decode_tiled` (memory depends
-on the decode window, not on the volume) -> ``IntensityMapping.inverse`` -> :class:`Volume`.
+on the decode window, not on the volume) -> with a mask and a refiner, the mask refiner (windows
+of the same size) -> ``IntensityMapping.inverse`` -> :class:`Volume`.
 
 Units: CT comes back in HU (the inverse of the training HU window). MR training cases are each
 scaled by their own 0.5/99.5 percentiles, so there is no scanner unit to return to: MR comes
@@ -45,7 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from medsynth.data.transforms import IntensityMapping
 from medsynth.errors import ConfigError, InputError
@@ -125,16 +128,19 @@ class MedSynthPipeline:
     ``text_encoder``, ``record`` (pipeline.json), ``pipeline_hash`` (sha256 of pipeline.json),
     ``modality``, ``labels``, ``intensity`` (IntensityMapping to physical units),
     ``intensity_unit``, ``scale_factor``, ``default_size``, ``default_spacing``,
-    ``default_metadata``, ``device``; ``controlnet`` (ControlNet3D or None), ``quality``
+    ``default_metadata``, ``device``; ``controlnet`` (ControlNet3D or None), ``refiner``
+    (MaskRefiner3D applied to mask-conditioned images, or None), ``quality``
     (the parsed quality.json or None), ``bank_path`` (the stored mask bank or None) and
     ``label_generator_path`` (the stored label generator export or None).
     """
 
     def __init__(self, autoencoder: nn.Module, dit: nn.Module, text_encoder: nn.Module,
                  record: Mapping[str, Any], pipeline_hash: str = "", path: Path | None = None,
-                 device: torch.device | str = "cpu", controlnet: nn.Module | None = None) -> None:
+                 device: torch.device | str = "cpu", controlnet: nn.Module | None = None,
+                 refiner: nn.Module | None = None) -> None:
         self.autoencoder, self.dit, self.text_encoder = autoencoder, dit, text_encoder
         self.controlnet = controlnet
+        self.refiner = refiner
         self.record = dict(record)
         self.pipeline_hash = pipeline_hash
         self.path = path
@@ -209,7 +215,17 @@ class MedSynthPipeline:
                 check_base_dit(controlnet, cn_export, dit)
             except ConfigError as err:
                 raise InputError(str(err), root / comps["controlnet"]["path"]) from None
-        return cls(autoencoder, dit, text_encoder, record, file_sha256(root / PIPELINE_FILE), root, dev, controlnet)
+        refiner = None
+        if "refiner" in comps:
+            from medsynth.training.mask_refiner import load_mask_refiner
+
+            refiner, _ = load_mask_refiner(root / comps["refiner"]["path"], device=dev)
+            if controlnet is None or refiner.config.num_classes != controlnet.config.num_classes:
+                raise InputError(f"the mask refiner reads {refiner.config.num_classes} label values but the "
+                                 f"ControlNet {'is missing' if controlnet is None else 'reads ' + str(controlnet.config.num_classes)}; "
+                                 f"assemble matching components", root / comps["refiner"]["path"])
+        return cls(autoencoder, dit, text_encoder, record, file_sha256(root / PIPELINE_FILE), root, dev, controlnet,
+                   refiner)
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -342,10 +358,10 @@ class MedSynthPipeline:
             raise ConfigError("negative_prompt holds None; give text for every volume, or leave negative_prompt out")
         return [str(n) for n in negatives]
 
-    def _mask_hook(self, masks: Sequence[Volume], padded: Sequence[int], text: Any, meta: Any,
-                   negative_text: Any = None) -> Any:
-        """The ControlNet's ``block_residuals_fn`` for masks padded (background) to ``padded``."""
-        from medsynth.models.controlnet import make_block_residuals_fn, one_hot_mask
+    def _padded_onehot(self, masks: Sequence[Volume], padded: Sequence[int]) -> Tensor:
+        """The masks, padded (background, centred) to ``padded``, one-hot: ``(B, K, PX, PY, PZ)``
+        float32 on the CPU (K: the ControlNet's label values)."""
+        from medsynth.models.controlnet import one_hot_mask
 
         size = masks[0].shape
         start = [(p - s) // 2 for p, s in zip(padded, size)]
@@ -353,10 +369,34 @@ class MedSynthPipeline:
         for i, m in enumerate(masks):
             label[i, start[0]:start[0] + size[0], start[1]:start[1] + size[1],
                   start[2]:start[2] + size[2]] = torch.from_numpy(np.asarray(m.array).astype(np.int64))
-        onehot = one_hot_mask(label, int(self.controlnet.config.num_classes)).to(self.device)  # (B, K, PX, PY, PZ)
+        return one_hot_mask(label, int(self.controlnet.config.num_classes))
+
+    def _mask_hook(self, onehot: Tensor, text: Any, meta: Any, negative_text: Any = None) -> Any:
+        """The ControlNet's ``block_residuals_fn`` for one-hot masks ``(B, K, PX, PY, PZ)``."""
+        from medsynth.models.controlnet import make_block_residuals_fn
+
         param = next(self.controlnet.parameters())
-        return make_block_residuals_fn(self.controlnet, onehot.to(param.dtype), text, meta, guide_mask=True,
-                                       negative_text=negative_text)
+        return make_block_residuals_fn(self.controlnet, onehot.to(self.device, param.dtype), text, meta,
+                                       guide_mask=True, negative_text=negative_text)
+
+    def _refine(self, images: Tensor, onehot: Tensor) -> Tensor:
+        """Apply the mask refiner to decoded images ``(B, 1, PX, PY, PZ)`` (model range, CPU) with
+        their one-hot masks ``(B, K, PX, PY, PZ)``; windows of the decode window (overlapping,
+        Gaussian-blended: MONAI's sliding-window inferer) run on the pipeline's device, so large
+        volumes never sit on it whole."""
+        from monai.inferers import sliding_window_inference
+
+        param = next(self.refiner.parameters())
+        window = tuple(images.shape[2:]) if self.decode_window is None else tuple(
+            min(int(w), s) for w, s in zip(self.decode_window, images.shape[2:]))
+        window = tuple(max(2, w - w % 2) for w in window)  # the refiner halves each axis once
+
+        def predict(x: Tensor) -> Tensor:
+            x = x.to(self.device, param.dtype)
+            return self.refiner(x[:, :1], x[:, 1:]).float()
+
+        return sliding_window_inference(torch.cat([images.float(), onehot.float()], dim=1), window, 1, predict,
+                                        overlap=0.25, mode="gaussian", sw_device=self.device, device="cpu")
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str | None] | None, num_inference_steps: int | None = None,
@@ -366,7 +406,7 @@ class MedSynthPipeline:
                  metadata: Mapping[str, Any] | None = None, progress: bool = False,
                  mask: Volume | Sequence[Volume] | None = None,
                  mask_guidance_scale: float | None = None,
-                 negative_prompt: str | Sequence[str] | None = None) -> list[Volume]:
+                 negative_prompt: str | Sequence[str] | None = None, refine: bool = True) -> list[Volume]:
         """Generate one volume per prompt (with a mask: one image per prompt for that label map).
 
         Args:
@@ -395,6 +435,9 @@ class MedSynthPipeline:
                 lesion 30 mm"), one for all or one per prompt. Under guidance it stands where the
                 null text would, so guidance pushes from it towards the prompt (diffusers'
                 ``negative_prompt``). Needs a prompt and guidance (a scale other than 1).
+            refine: with a mask and a mask refiner in the pipeline, refine the decoded images
+                from the mask at full resolution (see :mod:`medsynth.models.mask_refiner`);
+                False skips it. Without either it has no effect.
 
         Returns:
             ``Volume`` list: ``(X, Y, Z)`` float32 in HU (CT) or normalised units (MR),
@@ -452,9 +495,10 @@ class MedSynthPipeline:
                                    int(sched_cfg.get("num_train_timesteps", 1000)), float(sched_cfg.get("shift", 1.0)))
         if latents is not None:
             latents = latents * float(getattr(scheduler, "init_noise_sigma", 1.0))
-        hook, mask_guidance = None, None
+        hook, mask_guidance, onehot = None, None, None
         if masks is not None:
-            hook = self._mask_hook(masks, padded, text, meta, negative_text)
+            onehot = self._padded_onehot(masks, padded)  # (B, K, PX, PY, PZ)
+            hook = self._mask_hook(onehot, text, meta, negative_text)
             mask_guidance = self.default_mask_guidance if mask_guidance_scale is None else mask_guidance_scale
             mask_guidance = None if mask_guidance is None else float(mask_guidance)
         z = denoise(self.dit, scheduler, shape, Conditions(text, meta, negative_text), steps, guidance,
@@ -463,6 +507,9 @@ class MedSynthPipeline:
         z = z / self.scale_factor
         images = decode_tiled(self.autoencoder, z, self.decode_window, self.decode_overlap,
                               output_device="cpu")  # (B, 1, PX, PY, PZ) in model range
+        refined = onehot is not None and self.refiner is not None and refine
+        if refined:
+            images = self._refine(images, onehot)
         start = [(p - s) // 2 for p, s in zip(padded, size_)]
         images = images[:, 0, start[0]:start[0] + size_[0], start[1]:start[1] + size_[1],
                         start[2]:start[2] + size_[2]]
@@ -476,7 +523,7 @@ class MedSynthPipeline:
                      "pipeline_hash": self.pipeline_hash, "num_inference_steps": steps,
                      "guidance_scale": guidance, "metadata": records[i]}
             if masks is not None:
-                extra.update(conditioned_on_mask=True, mask_guidance_scale=mask_guidance)
+                extra.update(conditioned_on_mask=True, mask_guidance_scale=mask_guidance, refined_with_mask=refined)
             out.append(Volume(physical[i], affine.copy(), "image",
                               VolumeMetadata(modality=self.modality, intensity_unit=self.intensity_unit,
                                              orientation=orientation, synthetic=True, extra=extra)))

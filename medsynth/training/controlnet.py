@@ -363,13 +363,9 @@ def fit_controlnet(dit_dir: str | Path, cache_dir: str | Path, out_dir: str | Pa
 
 
 def _cache_header(cache_dir: str | Path) -> dict[str, Any]:
-    import json
+    from medsynth.pipelines.latent_cache import read_cache_header
 
-    for name in ("header.json", "cache.json"):
-        path = Path(cache_dir) / name
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-    return {}
+    return read_cache_header(cache_dir)
 
 
 def _cache_labels(cache_dir: str | Path) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,62 @@ def test_mask_settings_refusals(masked, pipe):
         plan_masks(plain, _settings(lesions=["liver_lesion:1:3mm"]))
     with pytest.raises(ConfigError, match="does not fit"):
         plan_masks(pipe, _settings(lesions=["liver_lesion:3:150-200mm:liver"])).case_mask(0)
+
+
+def test_mask_refiner_in_the_pipeline(masked, pipe, tmp_path):
+    """A refiner assembled in refines mask-conditioned images only, deterministically, and is recorded."""
+    import yaml
+
+    from medsynth.pipelines.generate import generate_dataset
+    from medsynth.training.mask_refiner import fit_mask_refiner, load_mask_refiner, save_mask_refiner
+
+    root, plain, _, data = masked
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "refiner" / "tiny.yaml").read_text())
+    config["refiner"]["channels"] = 8
+    config["training"].update(batch_size=2, lr=3e-3, ema_decay=0.5)
+    export = fit_mask_refiner(root / "ae", root / "cache", tmp_path / "run", config, accelerator="cpu", devices=1,
+                              max_steps=3)
+    refined_dir = assemble_pipeline(root / "ae", root / "dit", root / "cache", tmp_path / "pipe",
+                                    controlnet_dir=root / "controlnet", refiner_dir=export, bank_dir=root / "bank",
+                                    segmenter_steps=0)
+    from medsynth.io.checkpoint import file_sha256
+
+    comps = json.loads((refined_dir / PIPELINE_FILE).read_text())["components"]
+    assert comps["refiner"]["files"]["model.safetensors"] == file_sha256(refined_dir / "refiner" / "model.safetensors")
+    refined_pipe = MedSynthPipeline.from_pretrained(refined_dir)
+    assert refined_pipe.refiner is not None
+    mask = train_label(data)
+    g = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
+    a = refined_pipe("CT abdomen", 2, 1.0, g(), mask=mask)[0]
+    np.testing.assert_array_equal(a.array, refined_pipe("CT abdomen", 2, 1.0, g(), mask=mask)[0].array)
+    skipped = refined_pipe("CT abdomen", 2, 1.0, g(), mask=mask, refine=False)[0]
+    # refine=False is the pipeline without the refiner; refine=True changes the image
+    np.testing.assert_array_equal(skipped.array, pipe("CT abdomen", 2, 1.0, g(), mask=mask)[0].array)
+    assert not np.allclose(a.array, skipped.array)
+    assert a.metadata.extra["refined_with_mask"] and not skipped.metadata.extra["refined_with_mask"]
+    # images without a mask are untouched by it
+    np.testing.assert_array_equal(refined_pipe("CT abdomen", 2, 1.0, g())[0].array,
+                                  pipe("CT abdomen", 2, 1.0, g())[0].array)
+    # windows smaller than the volume give the same image up to blending (the refiner is local)
+    refined_pipe.decode_window = tuple(max(4, s // 2) for s in refined_pipe.padded_size(mask.shape))
+    windowed = refined_pipe("CT abdomen", 2, 1.0, g(), mask=mask)[0]
+    assert windowed.shape == a.shape and np.isfinite(windowed.array).all()
+    # generate records it, and --no-refiner (refine=False) is part of the settings
+    out = generate_dataset(refined_pipe, tmp_path / "synth", _settings(mask_source="bank", quality_gate=False),
+                           progress=False).root
+    assert _provenance(out)[0]["refined_with_mask"] is True
+    out = generate_dataset(refined_pipe, tmp_path / "synth2", _settings(mask_source="bank", quality_gate=False,
+                                                                         refine=False), progress=False).root
+    assert _provenance(out)[0]["refined_with_mask"] is False
+    assert _settings(refine=False).to_dict()["refine"] is False and "refine" not in _settings().to_dict()
+    # refusals: no ControlNet; a refiner trained behind another autoencoder
+    with pytest.raises(ConfigError, match="--refiner needs --controlnet"):
+        assemble_pipeline(root / "ae", root / "dit", root / "cache", tmp_path / "p2", refiner_dir=export)
+    model, record = load_mask_refiner(export)
+    other = save_mask_refiner(tmp_path / "other", model, record.config["labels"],
+                              {**record.metadata, "autoencoder_sha256": "0" * 64})
+    from medsynth.errors import InputError
+
+    with pytest.raises(InputError, match="trained behind the autoencoder"):
+        assemble_pipeline(root / "ae", root / "dit", root / "cache", tmp_path / "p3",
+                          controlnet_dir=root / "controlnet", refiner_dir=other, segmenter_steps=0)
