@@ -14,6 +14,9 @@ Reads a ``medsynth demo`` folder (its pipeline, real phantom dataset and cohort)
    maps and scored case by case beside the real image of the same mask and that image after the
    pipeline's autoencoder: means, 95 % bootstrap intervals, the paired gap (Wilcoxon), Dice by
    organ size and ``figures/held_out_masks_<modality>.png`` (Dice against organ voxels).
+   With a mask refiner in the pipeline (``medsynth assemble --refiner``), the real images are also
+   scored after the autoencoder *and* the refiner (with their true masks), and
+   ``--refiner-baseline`` scores the same generated images without the refiner, side by side.
 4. **Lesion detection by size, paired** (``--lesion-masks N``): a lesion of each requested size
    is inserted into up to N held-out label maps; one image is generated from the map with the
    lesion (and a prompt asking for it) and one from the map without (and a prompt asking for
@@ -151,11 +154,16 @@ def real_judge(dataset, segmenter, lesion_value: int, min_voxels: int, read_imag
     return {k: {"fired": f, "cases": n} for k, (f, n) in rows.items()}
 
 
-def autoencoder_round_trip(pipe, image: np.ndarray) -> np.ndarray:
-    """An image in output units through the pipeline's autoencoder (encode, quantise, decode), back in output units."""
+def autoencoder_round_trip(pipe, image: np.ndarray, mask: Any = None) -> np.ndarray:
+    """An image in output units through the pipeline's autoencoder (encode, quantise, decode), back
+    in output units; with ``mask`` (a label Volume on the image grid) the pipeline's mask refiner
+    then refines the decoded image from it."""
     x = torch.from_numpy(np.asarray(pipe.intensity.forward(np.asarray(image, np.float32)), np.float32))[None, None]
     with torch.no_grad():
-        decoded = pipe.autoencoder.decode(pipe.autoencoder.encode(x)).clamp(-1, 1)[0, 0].numpy()
+        decoded = pipe.autoencoder.decode(pipe.autoencoder.encode(x))
+        if mask is not None:
+            decoded = pipe._refine(decoded, pipe._padded_onehot([mask], tuple(decoded.shape[2:])))
+        decoded = decoded.clamp(-1, 1)[0, 0].numpy()
     return np.asarray(pipe.intensity.inverse(decoded), np.float32)
 
 
@@ -213,13 +221,14 @@ def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, sc
 
 
 def remade_dice(pipe, jobs: list, segmenter, labels: dict, modality: str, scale: float | None,
-                steps: int) -> list[dict[str, float]]:
+                steps: int, refine: bool = True) -> list[dict[str, float]]:
     """Generate one image per ``(mask, prompt, metadata, seed)`` job at mask guidance ``scale``
-    (None: the ControlNet's default); the judge's Dice per large class on each, in job order."""
+    (None: the ControlNet's default; ``refine``: with the pipeline's mask refiner, if it has one);
+    the judge's Dice per large class on each, in job order."""
     out = []
     for mask, prompt, metadata, seed in jobs:
         volume = pipe(prompt, num_inference_steps=steps, mask=mask, mask_guidance_scale=scale, metadata=metadata,
-                      generator=torch.Generator().manual_seed(seed))[0]
+                      generator=torch.Generator().manual_seed(seed), refine=refine)[0]
         out.append(large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels, modality))
     return out
 
@@ -242,13 +251,16 @@ SIZE_GROUPS = 3
 
 
 def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str, num: int, scales: list,
-                           steps: int, seed: int) -> dict:
+                           steps: int, seed: int, refiner_baseline: bool = False) -> dict:
     """Paired mask fidelity on masks the models never saw: for each labelled held-out real case
     (val + test, at most ``num``), an image is generated from its label map with its own prompt,
     sex and age, and the judge's Dice on it is set beside the judge's Dice on the real image of
     the same mask (the ceiling, case by case) and on that real image after the pipeline's
     autoencoder (what anything decoded from its latents can reach). ``scales``: mask guidance
-    scales (None: the ControlNet's default); the first is analysed case by case.
+    scales (None: the ControlNet's default); the first is analysed case by case. With a mask
+    refiner in the pipeline, the real images after the autoencoder are also scored after the
+    refiner (``autoencoder_refined``), and ``refiner_baseline`` adds each scale without it
+    (``"<scale> unrefined"``: same seeds, same latents, the refiner skipped).
 
     Returns ``{"cases", "real", "autoencoder", "synthetic": {scale: means}, "ci95": {images:
     {class: [low, high]}}, "gap": {class: paired synthetic - real}, "by_size": {class: [group]},
@@ -260,12 +272,15 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     cases = held_out_cases(dataset)[:num]
     read_real = real_reader(dataset, pipe)
     masks = [read_volume(case.label, kind="label") for case in cases]
-    real, decoded = [], []
+    real, decoded, refined = [], [], []
     for case, mask in zip(cases, masks):
         image = read_real(case)
         real.append(large_class_dice(segmenter.predict(image), mask.array, labels, modality))
         decoded.append(large_class_dice(segmenter.predict(autoencoder_round_trip(pipe, image)), mask.array, labels,
                                         modality))
+        if pipe.refiner is not None:
+            refined.append(large_class_dice(segmenter.predict(autoencoder_round_trip(pipe, image, mask)), mask.array,
+                                            labels, modality))
     jobs = [(mask, case.prompt or None,
              {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}, seed + index)
             for index, (case, mask) in enumerate(zip(cases, masks))]
@@ -273,6 +288,10 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     for scale in scales:
         synthetic["default" if scale is None else f"{scale:g}"] = remade_dice(pipe, jobs, segmenter, labels, modality,
                                                                               scale, steps)
+    if refiner_baseline and pipe.refiner is not None:
+        for scale in scales:
+            synthetic[("default" if scale is None else f"{scale:g}") + " unrefined"] = remade_dice(
+                pipe, jobs, segmenter, labels, modality, scale, steps, refine=False)
     first = next(iter(synthetic.values()))
     rows = [{"case_id": case.case_id, "class": name, "voxels": int((np.asarray(mask.array) == labels[name]).sum()),
              "real": round(r[name], 4), "autoencoder": round(d[name], 4), "synthetic": round(g[name], 4)}
@@ -292,6 +311,7 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
                   "ci95": [round(gain.get("ci_low", float("nan")), 3), round(gain.get("ci_high", float("nan")), 3)],
                   "wilcoxon_p": compared.get("wilcoxon", {}).get("p_value")}
     return {"cases": len(cases), "real": class_means(real), "autoencoder": class_means(decoded),
+            **({"autoencoder_refined": class_means(refined)} if refined else {}),
             "synthetic": {key: class_means(per_case) for key, per_case in synthetic.items()},
             "analysed_scale": next(iter(synthetic)), "ci95": ci, "gap": gap,
             "by_size": size_groups(rows, names), "rows": rows}
@@ -522,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="diameters of the inserted lesions, used in turn (each +/- 10 %%)")
     parser.add_argument("--lesion-mask-guidance", type=float, default=None,
                         help="mask guidance scale of the --lesion-masks images (default: the ControlNet's)")
+    parser.add_argument("--refiner-baseline", action="store_true",
+                        help="with a mask refiner in the pipeline: also score the held-out masks without it (same "
+                             "seeds), side by side")
     parser.add_argument("--judge-dir", type=Path, default=None,
                         help="keep the trained judge here and reuse it when it is already there (trained on the same "
                              "demo's training split for the same --judge-steps; anything else is refused), so several "
@@ -614,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"demo": str(args.demo), "pipeline": str(args.pipeline or args.demo / "pipeline"), "modality": modality,
               "size": summary["settings"]["size"],
               "segmenter": judge, "steps": args.steps, "seed": args.seed,
+              "refiner": None if pipe.refiner is None else pipe.record["components"]["refiner"].get("source"),
               "min_lesion_voxels": args.min_lesion_voxels,
               "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__, "platform": platform.platform()},
@@ -630,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.held_out_masks > 0:
         record["held_out_masks"] = held_out_mask_fidelity(pipe, dataset, segmenter, pipe.labels, modality,
                                                           args.held_out_masks, args.mask_guidance or [None],
-                                                          args.steps, args.seed)
+                                                          args.steps, args.seed, args.refiner_baseline)
         record["held_out_masks"]["figure"] = str(size_figure(
             record["held_out_masks"], args.out / "figures" / f"held_out_masks_{modality}.png"))
     if args.lesion_masks > 0:
@@ -681,6 +705,11 @@ def held_out_details(held: dict, names: list[str]) -> list[str]:
     if held.get("figure"):
         lines += ["", f"![Dice against organ size](figures/{Path(held['figure']).name})"]
     return lines
+
+
+def pipe_refined(r: dict) -> bool:
+    """Whether the benchmarked pipeline refined its mask-conditioned images."""
+    return bool(r.get("refiner"))
 
 
 def render(r: dict, figure: Path) -> str:
@@ -734,8 +763,15 @@ def render(r: dict, figure: Path) -> str:
         if "autoencoder" in held:
             lines.append("| real after the autoencoder | " + " | ".join(f"{held['autoencoder'][n]:.3f}"
                                                                        for n in names) + " |")
+        if "autoencoder_refined" in held:
+            lines.append("| real after the autoencoder and the mask refiner | " + " | ".join(
+                f"{held['autoencoder_refined'][n]:.3f}" for n in names) + " |")
         for scale, row in held["synthetic"].items():
-            label = "synthetic, default mask guidance" if scale == "default" else f"synthetic, mask guidance {scale}"
+            guidance, _, unrefined = scale.partition(" ")
+            label = "synthetic, default mask guidance" if guidance == "default" \
+                else f"synthetic, mask guidance {guidance}"
+            if pipe_refined(r):
+                label += ", without the refiner" if unrefined else ", with the mask refiner"
             lines.append(f"| {label} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in names) + " |")
         if "ci95" in held:
             lines += held_out_details(held, names)

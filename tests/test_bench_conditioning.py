@@ -19,7 +19,7 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
                            "--out", str(out), "--num", "1", "--steps", "2", "--judge-steps", "3",
                            "--mask-guidance", "1", "4", "--held-out-masks", "2", "--lesion-masks", "2",
-                           "--judge-dir", str(tmp_path / "judge")],
+                           "--judge-dir", str(tmp_path / "judge"), "--refiner-baseline"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "conditioning_ct.json").read_text())
@@ -40,7 +40,11 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert (out / "figures" / "conditioning_ct.png").stat().st_size > 5000
     # held-out masks: paired real and synthetic Dice over the same classes, at each mask guidance scale
     held = record["held_out_masks"]
-    assert held["cases"] == 2 and set(held["synthetic"]) == {"1", "4"}
+    # the demo's pipeline refines mask-conditioned images; --refiner-baseline scores them without it too
+    assert record["refiner"] and held["cases"] == 2
+    assert set(held["synthetic"]) == {"1", "4", "1 unrefined", "4 unrefined"}
+    assert set(held["autoencoder_refined"]) == set(held["autoencoder"])
+    assert "with the mask refiner" in page and "without the refiner" in page and "and the mask refiner" in page
     assert all(set(row) <= set(held["real"]) and all(0.0 <= v <= 1.0 for v in row.values())
                for row in held["synthetic"].values())
     assert "held-out masks (paired)" in page

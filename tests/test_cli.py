@@ -248,8 +248,9 @@ def test_demo_quick_runs_end_to_end(modality: str, latent_factor: int, tmp_path:
                            "--latent-factor", str(latent_factor), "--no-progress")
     assert code == 0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert {"phantom dataset", "autoencoder", "label generator", "pipeline", "synthetic dataset", "cohort audit",
-            "evaluation report", "segmentation benchmark"} <= set(summary["outputs"])
+    assert {"phantom dataset", "autoencoder", "mask refiner", "label generator", "pipeline", "synthetic dataset",
+            "cohort audit", "evaluation report", "segmentation benchmark"} <= set(summary["outputs"])
+    assert json.loads((tmp_path / "demo" / "pipeline" / "pipeline.json").read_text())["components"]["refiner"]
     assert set(summary["metrics"]) == {"autoencoder", "segmentation benchmark"}
     assert summary["settings"]["latent_factor"] == latent_factor
     assert {"real", "synthetic"} <= set(summary["metrics"]["segmentation benchmark"])

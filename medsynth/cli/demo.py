@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="one-minute smoke run: fewer, smaller cases")
     p.add_argument("--train-scale", type=float, default=1.0,
                    help="multiply the training steps of every model (autoencoder 400, DiT 400, ControlNet 250, "
-                        "label generator 300, agreement segmenter 150) by this (default 1); with 40 cases, 5 took "
+                        "mask refiner 300, label generator 300, agreement segmenter 150) by this (default 1); with 40 cases, 5 took "
                         "39 min on 2 cores against 15 min at 1")
     p.add_argument("--phantom-noise", choices=("fixed", "scanner"), default="fixed",
                    help="phantom noise model (medsynth phantoms --noise): 'scanner' scales the noise with the "
@@ -239,6 +239,15 @@ def stage_controlnet(settings: DemoSettings, state: DemoState) -> str:
     return "ControlNet trained (base DiT frozen); mask bank built from the training split"
 
 
+def stage_refiner(settings: DemoSettings, state: DemoState) -> str:
+    run = settings.out / "refiner"
+    run_command(["refiner", "fit", "--autoencoder", str(state.outputs["autoencoder"]), "--cache",
+                 str(state.outputs["latent cache"]), "--config", str(CONFIGS / "refiner" / "tiny.yaml"),
+                 "--out", str(run), "--max-steps", _train_steps(settings, 300, 5), "--accelerator", "cpu"])
+    state.outputs["mask refiner"] = run / "export"
+    return "mask refiner trained to restore real detail to decoded images from their label maps"
+
+
 def stage_label_generator(settings: DemoSettings, state: DemoState) -> str:
     run = settings.out / "label_generator"
     run_command(["labels", "fit", "--config", str(CONFIGS / "labels" / "tiny.yaml"), "--data",
@@ -259,6 +268,7 @@ def stage_assemble(settings: DemoSettings, state: DemoState) -> str:
     run_command(["assemble", "--autoencoder", str(state.outputs["autoencoder"]), "--dit", str(state.outputs["DiT"]),
                  "--cache", str(state.outputs["latent cache"]), "--controlnet", str(state.outputs["ControlNet"]),
                  "--bank", str(state.outputs["mask bank"]), "--label-generator", str(state.outputs["label generator"]),
+                 "--refiner", str(state.outputs["mask refiner"]),
                  "--data", str(state.outputs["prepared dataset"]), "--segmenter-steps", _train_steps(settings, 150, 5),
                  "--out", str(pipeline)])
     state.outputs["pipeline"] = pipeline
@@ -275,8 +285,8 @@ def stage_assemble(settings: DemoSettings, state: DemoState) -> str:
     real_figure = paired_gallery(state.outputs["prepared dataset"], settings.out / "figures" / "real_pairs.png",
                                  title="real (phantom) images with labels")
     state.figures.append((real_figure, "Real (phantom) image + label pairs"))
-    return ("pipeline assembled (autoencoder, DiT, ControlNet, mask bank, label generator, quality gate with a "
-            "trained SegResNet); image+label pairs from new label maps")
+    return ("pipeline assembled (autoencoder, DiT, ControlNet, mask bank, label generator, mask refiner, quality "
+            "gate with a trained SegResNet); image+label pairs from new label maps")
 
 
 def cohort_spec(settings: DemoSettings, state: DemoState) -> dict[str, Any]:
@@ -357,6 +367,7 @@ STAGES: tuple[tuple[str, Stage], ...] = (
     ("encode", stage_encode),
     ("DiT", stage_dit),
     ("ControlNet + mask bank", stage_controlnet),
+    ("mask refiner", stage_refiner),
     ("label generator", stage_label_generator),
     ("assemble", stage_assemble),
     ("cohort", stage_cohort),
