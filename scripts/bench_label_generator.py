@@ -192,7 +192,9 @@ def main() -> int:
                 maps, _ = _sample(gen, 16, 8, 3000, mode_prompts, lesion_counts={lesion_name: count},
                                   guidance_scale=4.0)
                 seconds = (time.perf_counter() - t) / len(maps)
-                got = _stats(maps)["lesion_counts"][lesion_name]
+                got_stats = _stats(maps)
+                got = got_stats["lesion_counts"][lesion_name]
+                sizes = compare_statistics(train, got_stats)["lesion_sizes"].get(lesion_name)
                 records = [m.metadata.extra["mask_source"].get("held") for m in maps]
                 lesions[f"asked_{count}_{mode}" + ("" if tries else "_model_alone")] = {
                     "asked": count, "text": mode, "guidance_scale": 4.0, "max_draws": tries,
@@ -203,7 +205,7 @@ def main() -> int:
                     "mean_draws": round(float(np.mean([r["draws"] for r in records])), 2) if tries else 1.0,
                     "lesions_removed": int(sum(r["lesion_counts"]["removed"][lesion_name] for r in records))
                     if tries else 0,
-                    "seconds_per_map": round(seconds, 3)}
+                    "seconds_per_map": round(seconds, 3), "lesion_sizes": sizes}
     gen.max_draws = held_draws
 
     fit = json.loads((work / "run" / "fit_summary.json").read_text())
@@ -299,6 +301,19 @@ def render_markdown(r: dict) -> str:
         lines += ["", "Volume calibration (decoded / true volume of the training maps after the autoencoder's round "
                   "trip): before " + ", ".join(f"{k} {v}" for k, v in fit["volume_ratio_before"].items())
                   + "; after " + ", ".join(f"{k} {v}" for k, v in fit["volume_ratio_after"].items()) + "."]
+    sized = r["few_step"]["comparison"].get("lesion_sizes") or {}
+    if sized:
+        lines += ["", "## Lesion sizes", "", "Each connected lesion's volume, pooled over the maps (a set of maps can "
+                  "hold the right number of lesions and still draw them too small).", "",
+                  "| class | maps | lesions | median mL | generated / train median | KS vs train |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, row in sized.items():
+            lines.append(f"| {name} | train | {row['reference_lesions']} | {row['reference_median_ml']} | - | - |")
+            for label, part in (("few-step", r["few_step"]), ("1000-step Euler", r["thousand_step_euler"]),
+                                ("real val", r["real_val_vs_train"])):
+                other = part["comparison"]["lesion_sizes"][name]
+                lines.append(f"| {name} | {label} | {other['generated_lesions']} | {other['generated_median_ml']} | "
+                             f"{other['size_ratio']} | {other['ks_statistic']} |")
     lines += ["", "## Attributes", ""]
     for key, row in r["attributes"]["liver_size"].items():
         how = f"; size held, up to {row['max_draws']} draws" if row.get("max_draws") else "; the model alone"
@@ -320,7 +335,10 @@ def render_markdown(r: dict) -> str:
             lines.append(f"- asked for {row.get('asked', key[6:])} lesion(s) ({row.get('text', 'training prompts')}, "
                          f"guidance {row.get('guidance_scale', 1.0)}; {how}): mean {row['mean']}, exactly "
                          f"{row.get('asked', key[6:])} in "
-                         f"{row['exact_fraction']:.0%} of maps, histogram {row['histogram']}")
+                         f"{row['exact_fraction']:.0%} of maps, histogram {row['histogram']}"
+                         + (f"; lesion median {row['lesion_sizes']['generated_median_ml']} mL "
+                            f"({row['lesion_sizes']['size_ratio']} x training)"
+                            if (row.get("lesion_sizes") or {}).get("size_ratio") is not None else ""))
     c = r["cost_seconds_per_map"]
     lines += ["", "## Cost per map", "", "| sampler | s / map |", "| --- | --- |",
               f"| 10 Euler steps (batch 8) | {c['few_step_batch8']} |", f"| 10 Euler steps (batch 1) | {c['few_step_batch1']} |",

@@ -11,8 +11,8 @@ import yaml
 from medsynth.errors import ConfigError, InputError
 from medsynth.models.controlnet import one_hot_mask
 from medsynth.models.mask_refiner import MaskRefiner3D, MaskRefinerConfig
-from medsynth.training.mask_refiner import (MaskRefinerTrainingConfig, RefinerCases, fit_mask_refiner,
-                                            load_mask_refiner, refinement_scores)
+from medsynth.training.mask_refiner import (MaskRefinerTrainingConfig, RefinerCases, collate_refiner, crop_batch,
+                                            fit_mask_refiner, load_mask_refiner, refinement_scores)
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "refiner" / "tiny.yaml"
 
@@ -58,23 +58,29 @@ def test_fresh_refiner_is_the_identity_and_checks_shapes():
 
 def test_training_config_and_patches():
     cfg = MaskRefinerTrainingConfig.from_dict(yaml.safe_load(CONFIG.read_text())["training"])
-    assert cfg.max_steps > 0 and cfg.patch_size is None
+    assert cfg.max_steps > 0 and cfg.patch_size == (16, 16, 16)
     assert MaskRefinerTrainingConfig(patch_size=[8, 8, 4]).patch_size == (8, 8, 4)
     for bad in ({"latent_noise": 2.0}, {"patch_size": [8, 8]}, {"lr": 0}, {"bogus": 1}):
         with pytest.raises((ConfigError, TypeError)):
             MaskRefinerTrainingConfig.from_dict(bad)
-    item = {"latent": torch.arange(4 * 4 * 4 * 2, dtype=torch.float32).reshape(4, 4, 4, 2),
-            "label": torch.arange(8 * 8 * 4).reshape(8, 8, 4), "image": torch.randn(1, 8, 8, 4)}
-    crop = RefinerCases([item], factor=2, patch_size=(4, 4, 4))[0]
-    assert crop["latent"].shape == (4, 2, 2, 2) and crop["image"].shape == (1, 4, 4, 4)
-    # the label crop is the image crop: its first voxel's index gives the offset of both
-    first = int(crop["label"][0, 0, 0])
-    x, y, z = first // 32, (first // 4) % 8, first % 4
-    assert x % 2 == y % 2 == z % 2 == 0
-    assert torch.equal(crop["image"], item["image"][:, x:x + 4, y:y + 4, z:z + 4])
-    assert torch.equal(crop["latent"], item["latent"][:, x // 2:x // 2 + 2, y // 2:y // 2 + 2, z // 2:z // 2 + 2])
-    with pytest.raises(ConfigError, match="multiple of 4"):
-        RefinerCases([item], factor=2, patch_size=(6, 4, 4))
+    item = {"latent": torch.zeros(4, 4, 4, 2), "label": torch.arange(8 * 8 * 4).reshape(8, 8, 4),
+            "image": torch.randn(1, 8, 8, 4)}
+    cases = RefinerCases([item], patch_size=(4, 4, 6))
+    batch = collate_refiner([cases[0], cases[0]])
+    assert batch["latent"].shape == (2, 4, 4, 4, 2)  # whole latents: cropped only after decoding
+    starts, sizes = batch["crop"][:, 0], batch["crop"][:, 1]
+    assert sizes.tolist() == [[4, 4, 4]] * 2 and (starts % 2 == 0).all()  # clipped to the volume, even starts
+    label, image = crop_batch(batch["label"], batch["crop"]), crop_batch(batch["image"], batch["crop"])
+    assert label.shape == (2, 4, 4, 4) and image.shape == (2, 1, 4, 4, 4)
+    for i in range(2):  # the label crop is the image crop: its first voxel's index gives the offset of both
+        first = int(label[i, 0, 0, 0])
+        x, y, z = first // 32, (first // 4) % 8, first % 4
+        assert [x, y, z] == starts[i].tolist()
+        assert torch.equal(image[i], item["image"][:, x:x + 4, y:y + 4, z:z + 4])
+    whole = RefinerCases([item])[0]["crop"]
+    assert whole.tolist() == [[0, 0, 0], [8, 8, 4]]
+    with pytest.raises(ConfigError, match="even"):
+        RefinerCases([item], patch_size=(5, 4, 4))
 
 
 def test_fit_learns_to_undo_the_round_trip_and_exports(components, tmp_path):
