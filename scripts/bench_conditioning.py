@@ -162,7 +162,7 @@ def autoencoder_round_trip(pipe, image: np.ndarray, mask: Any = None) -> np.ndar
     with torch.no_grad():
         decoded = pipe.autoencoder.decode(pipe.autoencoder.encode(x))
         if mask is not None:
-            decoded = pipe._refine(decoded, pipe._padded_onehot([mask], tuple(decoded.shape[2:])))
+            decoded = pipe.refine_decoded(decoded, pipe.mask_onehot([mask], tuple(decoded.shape[2:])))
         decoded = decoded.clamp(-1, 1)[0, 0].numpy()
     return np.asarray(pipe.intensity.inverse(decoded), np.float32)
 
@@ -424,9 +424,10 @@ def finding_prompt(prompt: str | None, modality: str, diameter_mm: float | None)
 
 
 def paired_lesion_detection(pipe, dataset, rules: dict, modality: str, num: int, sizes_mm: list[float], steps: int,
-                            seed: int, mask_guidance: float | None = None) -> dict:
+                            seed: int, mask_guidance: float | None = None, refine: bool = True) -> dict:
     """Lesions inserted into held-out masks, judged by the contrast rule in images generated with and
-    without them (same seed), beside the rule on real held-out lesions and on decoys in real images."""
+    without them (same seed), beside the rule on real held-out lesions and on decoys in real images
+    (``refine``: with the pipeline's mask refiner, if it has one)."""
     from medsynth.cohort.run import clear_lesions
     from medsynth.errors import ConfigError, InputError
     from medsynth.evaluation.lesion_contrast import (added_contrast_by_bin, contrast_by_bin, decoy_components,
@@ -468,7 +469,7 @@ def paired_lesion_detection(pipe, dataset, rules: dict, modality: str, num: int,
                                               (without_rows, clean, None)):
             volume = pipe(finding_prompt(case.prompt, modality, diameter), num_inference_steps=steps,
                           mask=lesion_mask, mask_guidance_scale=mask_guidance, metadata=metadata or None,
-                          generator=torch.Generator().manual_seed(seed + index))[0]
+                          generator=torch.Generator().manual_seed(seed + index), refine=refine)[0]
             target += [{**row, "group": group} for row in
                        rule.judge(volume.array, np.asarray(placed.array), [value], mask.spacing, components=component)]
     return {"rules": {g: r.to_dict() for g, r in rules.items()}, "held_out_cases": len(cases), "masks": min(num, len(cases)),
@@ -543,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lesion-mask-guidance", type=float, default=None,
                         help="mask guidance scale of the --lesion-masks images (default: the ControlNet's)")
     parser.add_argument("--refiner-baseline", action="store_true",
-                        help="with a mask refiner in the pipeline: also score the held-out masks without it (same "
-                             "seeds), side by side")
+                        help="with a mask refiner in the pipeline: also score the held-out masks and the paired "
+                             "lesions without it (same seeds), side by side")
     parser.add_argument("--judge-dir", type=Path, default=None,
                         help="keep the trained judge here and reuse it when it is already there (trained on the same "
                              "demo's training split for the same --judge-steps; anything else is refused), so several "
@@ -665,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
             record["lesion_contrast"] = paired_lesion_detection(pipe, dataset, rules, modality, args.lesion_masks,
                                                                 args.lesion_sizes, args.steps, args.seed,
                                                                 args.lesion_mask_guidance)
+            if args.refiner_baseline and pipe.refiner is not None:
+                record["lesion_contrast_unrefined"] = paired_lesion_detection(
+                    pipe, dataset, rules, modality, args.lesion_masks, args.lesion_sizes, args.steps, args.seed,
+                    args.lesion_mask_guidance, refine=False)
         except InputError as err:  # e.g. no real lesion in a small training split: say so on the page
             record["lesion_contrast"] = {"skipped": str(err)}
     with_mask = next(c for c in cohort.cases if c.label is not None)
@@ -827,6 +832,18 @@ def render(r: dict, figure: Path) -> str:
                           b for b in sorted(added, key=bin_start)) + " |", "|---" * (len(added) + 1) + "|"]
             for g, row in by_group.items():
                 lines.append(f"| {g} | " + " | ".join(spread(row.get(b)) for b in sorted(added, key=bin_start)) + " |")
+    unrefined = r.get("lesion_contrast_unrefined")
+    if paired and unrefined and "skipped" not in paired:
+        lines += ["", "The same lesions and seeds without the mask refiner (`--refiner-baseline`):", "",
+                  "| diameter | lesion in mask: refined | unrefined | same region without it: refined | unrefined "
+                  "| added contrast: refined | unrefined |", "|---|---|---|---|---|---|---|"]
+        cell = lambda v: "-" if v is None else f"{v['detected']}/{v['lesions']}"  # noqa: E731
+        mean = lambda v: "-" if v is None else f"{v['mean']:.3g}"  # noqa: E731
+        for b in sorted(set(paired["synthetic_with_lesion"]) | set(unrefined["synthetic_with_lesion"]), key=bin_start):
+            lines.append(f"| {b} | " + " | ".join(
+                [cell(run[key].get(b)) for key in ("synthetic_with_lesion", "synthetic_without_lesion")
+                 for run in (paired, unrefined)]
+                + [mean(run["added_contrast"].get(b)) for run in (paired, unrefined)]) + " |")
     lines += ["", f"![text only, mask only, text + mask]({figure})", "", f"Run time: {r['seconds']} s.", ""]
     return "\n".join(lines)
 

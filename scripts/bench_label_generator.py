@@ -131,6 +131,9 @@ def main() -> int:
     LABELS = gen.labels
     train = gen.statistics
     dataset = read_dataset(work / "data")
+    if "lesion_sizes_ml" not in train:  # exports made before per-lesion sizes were collected
+        train = {**train, "lesion_sizes_ml": _stats([read_volume(c.label, kind="label")
+                                                     for c in dataset.cases_for("train")])["lesion_sizes_ml"]}
     prompts = [c.prompt or "" for c in dataset.cases_for("train")]
     val = _stats([read_volume(c.label, kind="label") for c in dataset.cases_for("val")])
 

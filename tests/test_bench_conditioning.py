@@ -75,6 +75,11 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     assert all(row["group"] == "all" for row in rows["with_lesion"] + rows["without_lesion"])
     assert lesions["added_contrast_by_group"] == {"all": added}  # one rule: the group table is the whole table
     assert "contrast added by the lesion" in page
+    # the same lesions without the refiner: same masks, seeds and regions
+    unrefined = record["lesion_contrast_unrefined"]
+    assert len(unrefined["rows"]["with_lesion"]) == len(rows["with_lesion"])
+    assert [r["diameter_mm"] for r in unrefined["rows"]["with_lesion"]] == [r["diameter_mm"] for r in rows["with_lesion"]]
+    assert "without the mask refiner" in page
 
     # the gate's segmenter by budget and recipe, on the same demo's held-out cases
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gate_segmenter.py"), "--demo", str(demo),

@@ -358,7 +358,7 @@ class MedSynthPipeline:
             raise ConfigError("negative_prompt holds None; give text for every volume, or leave negative_prompt out")
         return [str(n) for n in negatives]
 
-    def _padded_onehot(self, masks: Sequence[Volume], padded: Sequence[int]) -> Tensor:
+    def mask_onehot(self, masks: Sequence[Volume], padded: Sequence[int]) -> Tensor:
         """The masks, padded (background, centred) to ``padded``, one-hot: ``(B, K, PX, PY, PZ)``
         float32 on the CPU (K: the ControlNet's label values)."""
         from medsynth.models.controlnet import one_hot_mask
@@ -379,7 +379,7 @@ class MedSynthPipeline:
         return make_block_residuals_fn(self.controlnet, onehot.to(self.device, param.dtype), text, meta,
                                        guide_mask=True, negative_text=negative_text)
 
-    def _refine(self, images: Tensor, onehot: Tensor) -> Tensor:
+    def refine_decoded(self, images: Tensor, onehot: Tensor) -> Tensor:
         """Apply the mask refiner to decoded images ``(B, 1, PX, PY, PZ)`` (model range, CPU) with
         their one-hot masks ``(B, K, PX, PY, PZ)``; windows of the decode window (overlapping,
         Gaussian-blended: MONAI's sliding-window inferer) run on the pipeline's device, so large
@@ -497,7 +497,7 @@ class MedSynthPipeline:
             latents = latents * float(getattr(scheduler, "init_noise_sigma", 1.0))
         hook, mask_guidance, onehot = None, None, None
         if masks is not None:
-            onehot = self._padded_onehot(masks, padded)  # (B, K, PX, PY, PZ)
+            onehot = self.mask_onehot(masks, padded)  # (B, K, PX, PY, PZ)
             hook = self._mask_hook(onehot, text, meta, negative_text)
             mask_guidance = self.default_mask_guidance if mask_guidance_scale is None else mask_guidance_scale
             mask_guidance = None if mask_guidance is None else float(mask_guidance)
@@ -509,7 +509,7 @@ class MedSynthPipeline:
                               output_device="cpu")  # (B, 1, PX, PY, PZ) in model range
         refined = onehot is not None and self.refiner is not None and refine
         if refined:
-            images = self._refine(images, onehot)
+            images = self.refine_decoded(images, onehot)
         start = [(p - s) // 2 for p, s in zip(padded, size_)]
         images = images[:, 0, start[0]:start[0] + size_[0], start[1]:start[1] + size_[1],
                         start[2]:start[2] + size_[2]]
