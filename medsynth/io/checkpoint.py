@@ -18,6 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -138,6 +139,25 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
             parts.append(f"shape mismatch {shapes[:2]}")
         raise InputError("weights do not match config.json (" + "; ".join(parts) + ")", source)
     model.load_state_dict(state)
+
+
+def load_wrapped_export(directory: str | Path, kind: str, build: Callable[[dict[str, Any]], nn.Module],
+                        key: str, what: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Export]:
+    """Load an export whose weights sit under ``key`` of a ``ModuleDict`` (ControlNet, mask
+    refiner): ``build(config["model"])`` makes the model, which is returned in eval mode on
+    ``device`` with its record.
+
+    Raises:
+        InputError: a broken export, another kind, or a ``model`` config ``build`` refuses
+            (``what`` names the model in the message).
+    """
+    export = read_export(directory, kind=kind)
+    try:
+        model = build(export.config["model"])
+    except (KeyError, TypeError, ConfigError) as err:
+        raise InputError(f"invalid {what} config ({err}); re-export the model", Path(directory) / CONFIG_FILE) from None
+    load_state_strict(nn.ModuleDict({key: model}), export.state_dict, Path(directory) / WEIGHTS_FILE)
+    return model.to(device).eval(), export
 
 
 def save_autoencoder(directory: str | Path, model: nn.Module, metadata: dict[str, Any] | None = None) -> Path:

@@ -35,8 +35,7 @@ from medsynth.diffusion import (check_region_weighting, make_objective, region_l
                                 forget_sequence, sample_condition_dropout)
 from medsynth.diffusion.schedulers import check_objective
 from medsynth.errors import ConfigError, InputError
-from medsynth.io.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, load_tensors, read_export,
-                                    save_export)
+from medsynth.io.checkpoint import Export, load_tensors, load_wrapped_export, save_export
 from medsynth.models.controlnet import ControlNet3D, ControlNetConfig, one_hot_mask
 from medsynth.models.dit import DiT3D
 from medsynth.models.text_encoder import TextEmbedding, TextEncoder
@@ -288,15 +287,8 @@ def save_controlnet(directory: str | Path, model: ControlNet3D, labels: Mapping[
 
 def load_controlnet(directory: str | Path, device: torch.device | str = "cpu") -> tuple[ControlNet3D, Export]:
     """Load a ControlNet export (eval mode) and its record (labels under ``export.config["labels"]``)."""
-    export = read_export(directory, kind="controlnet")
-    try:
-        config = ControlNetConfig.from_dict(export.config["model"])
-    except (KeyError, TypeError, ConfigError) as err:
-        raise InputError(f"invalid ControlNet config ({err}); re-export the model",
-                         Path(directory) / CONFIG_FILE) from None
-    model = ControlNet3D(config)
-    load_state_strict(nn.ModuleDict({"controlnet": model}), export.state_dict, Path(directory) / WEIGHTS_FILE)
-    return model.to(device).eval(), export
+    return load_wrapped_export(directory, "controlnet", lambda config: ControlNet3D(ControlNetConfig.from_dict(config)),
+                               "controlnet", "ControlNet", device)  # type: ignore[return-value]
 
 
 def check_base_dit(controlnet: ControlNet3D, export: Export, dit: DiT3D, dit_export: Export | None = None) -> None:

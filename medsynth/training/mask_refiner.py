@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from medsynth.errors import ConfigError, InputError
-from medsynth.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Export, load_state_strict, read_export, save_export
+from medsynth.io.checkpoint import Export, load_wrapped_export, save_export
 from medsynth.models.autoencoder_config import config_from_dict
 from medsynth.models.controlnet import one_hot_mask
 from medsynth.models.mask_refiner import MaskRefiner3D, MaskRefinerConfig
@@ -285,15 +285,8 @@ def save_mask_refiner(directory: str | Path, model: MaskRefiner3D, labels: Mappi
 
 def load_mask_refiner(directory: str | Path, device: torch.device | str = "cpu") -> tuple[MaskRefiner3D, Export]:
     """Load a refiner export (eval mode) and its record."""
-    export = read_export(directory, kind=KIND)
-    try:
-        config = MaskRefinerConfig.from_dict(export.config["model"])
-    except (KeyError, TypeError, ConfigError) as err:
-        raise InputError(f"invalid mask refiner config ({err}); re-export the model",
-                         Path(directory) / CONFIG_FILE) from None
-    model = MaskRefiner3D(config)
-    load_state_strict(nn.ModuleDict({"refiner": model}), export.state_dict, Path(directory) / WEIGHTS_FILE)
-    return model.to(device).eval(), export
+    return load_wrapped_export(directory, KIND, lambda config: MaskRefiner3D(MaskRefinerConfig.from_dict(config)),
+                               "refiner", "mask refiner", device)  # type: ignore[return-value]
 
 
 def fit_mask_refiner(autoencoder_dir: str | Path, cache_dir: str | Path, out_dir: str | Path,

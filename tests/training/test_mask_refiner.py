@@ -17,12 +17,7 @@ from medsynth.training.mask_refiner import (MaskRefinerTrainingConfig, RefinerCa
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "refiner" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +143,28 @@ def test_refiner_cli(components, tmp_path, capsys):
                  "--config", str(CONFIG), "--out", str(tmp_path / "run3")]) != 0
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
+
+
+def test_export_round_trip_and_broken_config(tmp_path):
+    import json
+
+    from medsynth.training.mask_refiner import save_mask_refiner
+
+    torch.manual_seed(0)
+    model = MaskRefiner3D(MaskRefinerConfig(num_classes=3, channels=8))
+    with torch.no_grad():
+        model.conv_out.weight.normal_(std=0.1)
+    export = save_mask_refiner(tmp_path / "ref", model, {"background": 0, "a": 1, "b": 2}, {"autoencoder_sha256": "x"})
+    loaded, record = load_mask_refiner(export)
+    image, label = torch.randn(1, 1, 4, 4, 4), torch.randint(0, 3, (1, 4, 4, 4))
+    assert torch.equal(loaded(image, one_hot_mask(label, 3)), model.eval()(image, one_hot_mask(label, 3)))
+    assert record.metadata["autoencoder_sha256"] == "x" and not loaded.training
+    cfg = json.loads((export / "config.json").read_text())
+    cfg["config"]["model"]["channels"] = 6  # not a multiple of num_groups
+    (export / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="invalid mask refiner config"):
+        load_mask_refiner(export)
+    with pytest.raises(InputError, match="'mask_refiner' model"):
+        from medsynth.training.controlnet import load_controlnet
+
+        load_controlnet(export)
