@@ -107,3 +107,20 @@ def test_label_generator_bench_page_renders_from_its_record():
     rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
     for name, verdict in record["few_step"]["within_tolerance"].items():
         assert rows[name].split("|")[6].strip() == ("yes" if verdict else "no")
+
+
+def test_label_generator_lesion_sizes_record_renders():
+    """The rerun with per-lesion sizes renders its lesion size table, one row per set of maps, and
+    each count request's lesion size."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_label_generator as bench
+    finally:
+        sys.path.pop(0)
+    record = json.loads((REPO / "docs" / "benchmarks" / "label_generator_cpu_lesion_sizes.json").read_text())
+    page = bench.render_markdown(record)
+    assert "## Lesion sizes" in page
+    sizes = record["few_step"]["comparison"]["lesion_sizes"]["liver_lesion"]
+    row = next(line for line in page.splitlines() if line.startswith("| liver_lesion | few-step |"))
+    assert f"| {sizes['generated_lesions']} | {sizes['generated_median_ml']} | {sizes['size_ratio']} |" in row
+    assert "lesion median" in page and "x training)" in page
