@@ -712,11 +712,6 @@ def held_out_details(held: dict, names: list[str]) -> list[str]:
     return lines
 
 
-def pipe_refined(r: dict) -> bool:
-    """Whether the benchmarked pipeline refined its mask-conditioned images."""
-    return bool(r.get("refiner"))
-
-
 def render(r: dict, figure: Path) -> str:
     from medsynth.evaluation.lesion_contrast import bin_start
 
@@ -775,7 +770,7 @@ def render(r: dict, figure: Path) -> str:
             guidance, _, unrefined = scale.partition(" ")
             label = "synthetic, default mask guidance" if guidance == "default" \
                 else f"synthetic, mask guidance {guidance}"
-            if pipe_refined(r):
+            if r.get("refiner"):  # the benchmarked pipeline refined its mask-conditioned images
                 label += ", without the refiner" if unrefined else ", with the mask refiner"
             lines.append(f"| {label} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in names) + " |")
         if "ci95" in held:

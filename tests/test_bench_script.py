@@ -91,16 +91,21 @@ def test_denoise_bf16_autocast_is_close_to_fp32() -> None:
         denoise(model, make_scheduler("rectified_flow"), shape, num_inference_steps=1, autocast_dtype=torch.int8)
 
 
-def test_label_generator_bench_page_renders_from_its_record():
-    """The committed label generator record renders: the calibrated/uncalibrated columns, the
-    calibration ratios, the lesion loss weight, and lesion counts of the model alone and held."""
+def _rendered_label_generator_record(name: str) -> tuple[dict, str]:
+    """A committed label generator bench record (docs/benchmarks/NAME) and the page its bench renders."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import bench_label_generator as bench
     finally:
         sys.path.pop(0)
-    record = json.loads((REPO / "docs" / "benchmarks" / "label_generator_cpu.json").read_text())
-    page = bench.render_markdown(record)
+    record = json.loads((REPO / "docs" / "benchmarks" / name).read_text())
+    return record, bench.render_markdown(record)
+
+
+def test_label_generator_bench_page_renders_from_its_record():
+    """The committed label generator record renders: the calibrated/uncalibrated columns, the
+    calibration ratios, the lesion loss weight, and lesion counts of the model alone and held."""
+    record, page = _rendered_label_generator_record("label_generator_cpu.json")
     assert "uncalibrated: median mL" in page and "Volume calibration" in page
     assert "DiT loss weight in lesion voxels: 20x in liver_lesion" in page
     assert "the model alone" in page and "count held" in page
@@ -112,13 +117,7 @@ def test_label_generator_bench_page_renders_from_its_record():
 def test_label_generator_lesion_sizes_record_renders():
     """The rerun with per-lesion sizes renders its lesion size table, one row per set of maps, and
     each count request's lesion size."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench_label_generator as bench
-    finally:
-        sys.path.pop(0)
-    record = json.loads((REPO / "docs" / "benchmarks" / "label_generator_cpu_lesion_sizes.json").read_text())
-    page = bench.render_markdown(record)
+    record, page = _rendered_label_generator_record("label_generator_cpu_lesion_sizes.json")
     assert "## Lesion sizes" in page
     sizes = record["few_step"]["comparison"]["lesion_sizes"]["liver_lesion"]
     row = next(line for line in page.splitlines() if line.startswith("| liver_lesion | few-step |"))
