@@ -28,7 +28,10 @@ question where it can be answered at the same scale (32^3, CPU, minutes):
    (``configs/labels/tiny.yaml``) trained on the training label maps and their prompts draws a
    label map from the prompt, and a ControlNet (``configs/controlnet/tiny.yaml``) over the frozen
    DiT draws the image from the prompt and that map. Reported: the maps that hold a lesion, and
-   the images the same judges find one in, per prompt.
+   the images the same judges find one in, per prompt. With ``--refiner-steps N`` a mask refiner
+   (``configs/refiner/tiny.yaml``, what ``medsynth assemble --refiner`` adds) is trained N steps
+   behind the autoencoder on the training cases, and the same images are judged again after it
+   redraws them from their maps at full resolution.
 
 Everything trains here, on the CPU; nothing downloads.
 
@@ -171,6 +174,57 @@ def mask_route_row(prompt: str, maps: list[np.ndarray], judged: list[tuple[int, 
             "with_spot": int(sum(found)), "spot_found": found, "spot_scores": [s["score"] for _, s in judged]}
 
 
+def map_lesion_contrast(images: list[np.ndarray], maps: list[np.ndarray], liver: int, lesion: int) -> float | None:
+    """Mean over the maps with a lesion of (mean image in the map's liver - mean image in its
+    lesion), model range: how dark the image draws the lesion its map asks for (None: no lesion)."""
+    values = [float(img[m == liver].mean() - img[m == lesion].mean())
+              for img, m in zip(images, maps) if (m == lesion).any() and (m == liver).any()]
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def fit_bench_refiner(autoencoder, images: list[np.ndarray], labels: list[np.ndarray], num_classes: int,
+                      steps: int):
+    """A mask refiner (``configs/refiner/tiny.yaml``, ``steps`` steps) behind the frozen
+    ``autoencoder`` on the training images ``(X, Y, Z)`` and their label maps, as ``medsynth
+    refiner fit`` trains it on a cache; returns its EMA weights (eval mode)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from medsynth.training.mask_refiner import MaskRefinerModule, RefinerCases, collate_refiner
+
+    cfg = yaml.safe_load((REPO / "configs/refiner/tiny.yaml").read_text())
+    training = {**cfg["training"], "max_steps": steps}
+    with torch.no_grad():
+        items = [{"latent": autoencoder.encode(torch.from_numpy(img)[None, None])[0],
+                  "label": torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64)),
+                  "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]}
+                 for img, lab in zip(images, labels)]
+    latent_std = float(torch.cat([it["latent"].flatten() for it in items]).std())
+    L.seed_everything(int(training["seed"]), verbose=False)
+    module = MaskRefinerModule(autoencoder, num_classes, cfg["refiner"], training, latent_std)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    loader = DataLoader(RefinerCases(items, training["patch_size"]), batch_size=int(training["batch_size"]),
+                        shuffle=True, drop_last=len(items) >= int(training["batch_size"]),
+                        collate_fn=collate_refiner)
+    trainer.fit(module, loader)
+    autoencoder.eval()
+    return module.ema.eval()
+
+
+def refine_images(refiner, images: list[np.ndarray], maps: list[np.ndarray]) -> list[np.ndarray]:
+    """The refiner's images ``(X, Y, Z)`` (model range, clamped) from decoded ones and their maps."""
+    from medsynth.models.controlnet import one_hot_mask
+
+    out = []
+    with torch.no_grad():
+        for image, label in zip(images, maps):
+            onehot = one_hot_mask(torch.from_numpy(label.astype(np.int64))[None], refiner.config.num_classes)
+            out.append(refiner(torch.from_numpy(image)[None, None], onehot).clamp(-1, 1)[0, 0].numpy())
+    return out
+
+
 def mask_route_summary(label_guidance: float, rows: dict) -> dict:
     """Both prompts' mask-route counts at one label-generator guidance, with Fisher p for maps and judges."""
     a, b = rows["lesion_prompt"], rows["no_lesion_prompt"]
@@ -288,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="label generator guidance scale(s) (--via-masks); images are drawn from the maps of each")
     parser.add_argument("--mask-guidance", type=float, default=3.0,
                         help="the ControlNet's mask guidance (--via-masks; configs/controlnet/tiny.yaml's default)")
+    parser.add_argument("--refiner-steps", type=int, default=0,
+                        help="with --via-masks: also train a mask refiner (configs/refiner/tiny.yaml) this many steps "
+                             "and judge the mask route's images after it as well (the same images); 0: none; "
+                             "results get a _refiner suffix")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
@@ -298,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f"_dit{args.dit_steps}" if args.dit_steps != DEFAULT_DIT_STEPS else "")
             + (f"_n{args.num}" if args.num > 96 else "")
             + ("_neg" if args.negative else "")
-            + ("_masks" if args.via_masks else ""))
+            + ("_masks" if args.via_masks else "")
+            + ("_refiner" if args.via_masks and args.refiner_steps else ""))
     if args.dit_region_weight < 1:
         parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
     if any(g < 1 for g in args.guidance):
@@ -308,9 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(g < 1 for g in args.label_guidance) or args.mask_guidance < 1:
         parser.error(f"--label-guidance and --mask-guidance must be >= 1 (1 = no guidance), got "
                      f"{args.label_guidance} and {args.mask_guidance:g}")
+    if args.refiner_steps < 0 or (args.refiner_steps and not args.via_masks):
+        parser.error(f"--refiner-steps needs --via-masks and a count >= 0 (0: no refiner), got {args.refiner_steps}")
     if args.quick:
         args.num, args.ae_steps, args.dit_steps, args.judge_steps, args.samples, args.steps = 8, 4, 4, 4, 2, 2
         args.controlnet_steps, args.label_steps = 4, 4
+        args.refiner_steps = min(args.refiner_steps, 4)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     from bench_modality import fit_autoencoder, sample, write_cache
@@ -398,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                 negative_sweep[guidance] = {key: judged_row(prompt, guidance, other) for key, prompt, other in pairs}
         rows = sweep[args.guidance[0]]
         route = (mask_route(args, work, export, dit, encoder, autoencoder, scale, meta, latent_shape, timings,
-                            lambda v: segment(judge, v), spot, lesion) if args.via_masks else None)
+                            lambda v: segment(judge, v), spot, lesion,
+                            (train_images, [labels[i] for i in train])) if args.via_masks else None)
     png = figure(rows, args.out / "figures" / f"{stem}.png")
     if negative_sweep:  # the first guided scale's negative-prompt samples, as the plain ones above
         first = next(iter(negative_sweep))
@@ -411,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         route_png = figure(route.pop("headline"), args.out / "figures" / f"{stem}_route.png",
                            title_of=lambda row, c: (f"map {row['map_lesions'][c]} les., {row['lesion_voxels'][c]} vox"
                                                     + (", spot" if row["spot_found"][c] else "")),
-                           suptitle="prompt -> label generator -> ControlNet, same seeds per column; red: the "
+                           suptitle="prompt -> label generator -> ControlNet"
+                                    + (" -> mask refiner" if route["settings"].get("refiner") else "")
+                                    + ", same seeds per column; red: the "
                                     "lesion of the label map; 'map k les.': lesions in the map; 'vox': the "
                                     "segmenter's lesion voxels; 'spot': the spot rule fires")
         route["figure"] = str(route_png)
@@ -456,12 +521,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, scale: float, meta: dict,
-               latent_shape: tuple[int, ...], timings: dict, segmenter, spot, lesion: int) -> dict:
-    """The prompts through label generator -> ControlNet (``--via-masks``): train both, sample, judge.
+               latent_shape: tuple[int, ...], timings: dict, segmenter, spot, lesion: int,
+               train_pairs: tuple[list[np.ndarray], list[np.ndarray]]) -> dict:
+    """The prompts through label generator -> ControlNet (``--via-masks``): train both, sample, judge;
+    with ``args.refiner_steps`` also a mask refiner on ``train_pairs`` (images, label maps), and the
+    same images judged again after it.
 
     ``segmenter``: image -> the judge's label map; ``spot``: (image, label map) -> the spot rule's verdict.
-    Returns the record (``summary`` per label guidance, ``rows`` of the first) and ``headline`` (the
-    first guidance's rows with volumes and map lesions, for the figure)."""
+    Returns the record (``summary`` per label guidance, ``rows`` of the first; with a refiner each
+    summary also holds ``refined``) and ``headline`` (the first guidance's rows with volumes and map
+    lesions, for the figure: the refined images when there is a refiner)."""
+    from medsynth.data.phantoms import CT_LABELS
     from bench_modality import sample
 
     from medsynth.cli.controlnet import load_controlnet_config
@@ -483,9 +553,17 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
                                        max_steps=args.label_steps)
     timings["label_generator"] = round(time.perf_counter() - t0, 1)
     labels = LabelGenerator.from_pretrained(label_export)
+    refiner = None
+    if args.refiner_steps:
+        t0 = time.perf_counter()
+        refiner = fit_bench_refiner(autoencoder, *train_pairs, int(controlnet.config.num_classes), args.refiner_steps)
+        timings["refiner"] = round(time.perf_counter() - t0, 1)
+    liver = CT_LABELS["liver"]
     summary, headline, first_rows = [], {}, None
+    pairs_keys = ("lesion_prompt", "no_lesion_prompt")
+    first_refined = None
     for label_guidance in args.label_guidance:
-        rows = {}
+        rows, refined_rows = {}, {}
         for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
             generators = [torch.Generator().manual_seed(4048 + i) for i in range(args.samples)]
             maps = [np.asarray(v.array, np.int64) for v in
@@ -495,17 +573,33 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
                             args.guidance[0], drop_text=False, drop_metadata=False, latent_shape=latent_shape,
                             seed=2024, controlnet=controlnet, masks=maps, mask_guidance=args.mask_guidance)
             judged = [(count, verdict) for _, count, verdict in judge_images(images, segmenter, spot, lesion)]
-            rows[key] = mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels)
+            rows[key] = {**mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels),
+                         "map_lesion_contrast": map_lesion_contrast(images, maps, liver, lesion)}
+            if refiner is not None:  # the same images, redrawn from their maps at full resolution
+                images = refine_images(refiner, images, maps)
+                judged = [(count, verdict) for _, count, verdict in judge_images(images, segmenter, spot, lesion)]
+                refined_rows[key] = {**mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels),
+                                     "map_lesion_contrast": map_lesion_contrast(images, maps, liver, lesion)}
             if label_guidance == args.label_guidance[0]:  # the headline: its samples go into the figure
-                headline[key] = {**rows[key], "volumes": images, "masks": [m == lesion for m in maps]}
-        summary.append(mask_route_summary(label_guidance, rows))
+                shown = refined_rows[key] if refiner is not None else rows[key]
+                headline[key] = {**shown, "volumes": images, "masks": [m == lesion for m in maps]}
+        summary.append({**mask_route_summary(label_guidance, rows),
+                        "map_lesion_contrast": [rows[k]["map_lesion_contrast"] for k in pairs_keys],
+                        **({"refined": {**mask_route_summary(label_guidance, refined_rows),
+                                        "map_lesion_contrast": [refined_rows[k]["map_lesion_contrast"]
+                                                                for k in pairs_keys]}}
+                           if refiner is not None else {})})
+        first_refined = first_refined or (refined_rows if refiner is not None else None)
         first_rows = first_rows or rows
     return {"settings": {"controlnet": "configs/controlnet/tiny.yaml", "controlnet_steps": args.controlnet_steps,
                          "label_generator": "configs/labels/tiny.yaml",
                          "label_steps": args.label_steps or label_cfg["autoencoder_training"]["max_steps"],
                          "label_guidance": args.label_guidance, "guidance": args.guidance[0],
-                         "mask_guidance": args.mask_guidance},
-            "rows": first_rows, "summary": summary, "headline": headline}
+                         "mask_guidance": args.mask_guidance,
+                         **({"refiner": "configs/refiner/tiny.yaml", "refiner_steps": args.refiner_steps}
+                            if refiner is not None else {})},
+            "rows": first_rows, **({"rows_refined": first_refined} if refiner is not None else {}),
+            "summary": summary, "headline": headline}
 
 
 def negative_lines(r: dict) -> list[str]:
@@ -626,20 +720,34 @@ def route_lines(r: dict, figure_path: Path) -> list[str]:
              "the training label maps and their prompts draws a map from the prompt; a ControlNet "
              f"(`{s['controlnet']}`, {s['controlnet_steps']} steps, {t.get('controlnet')} s) over the frozen DiT above "
              f"draws the image from the prompt and that map (text guidance {s['guidance']:g}, mask guidance "
-             f"{s['mask_guidance']:g}). The same judges as above; the same seeds for both prompts.", "",
-             "| label generator guidance | maps with a lesion | p | images with a lesion (segmenter) | p | "
-             "images with a lesion (spot rule) | p |", "|---|---|---|---|---|---|---|"]
+             f"{s['mask_guidance']:g}). The same judges as above; the same seeds for both prompts.", ""]
+    refined = bool(s.get("refiner"))
+    if refined:
+        lines += [f"With a mask refiner (`{s['refiner']}`, {s['refiner_steps']} steps, {t.get('refiner')} s) trained "
+                  "behind the autoencoder on the training cases, the same images are judged again after it redraws "
+                  "them from their maps at full resolution (rows 'refined'). Last column: the lesion prompt's "
+                  "images' lesion contrast inside their maps (mean liver minus mean lesion, model range, over the "
+                  f"maps that hold a lesion); real held-out phantoms: {r['lesion_contrast_held_out']['real']}.", ""]
+    lines += ["| label generator guidance | maps with a lesion | p | images with a lesion (segmenter) | p | "
+              "images with a lesion (spot rule) | p |" + (" lesion contrast in the maps' lesions |" if refined else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if refined else "")]
     for row in route["summary"]:
-        n = row["samples"]
-        lines.append(f"| {row['label_guidance']:g} | {row['maps'][0]}/{n} vs {row['maps'][1]}/{n} | "
-                     f"{row['fisher_p_maps']} | {row['segmenter'][0]}/{n} vs {row['segmenter'][1]}/{n} | "
-                     f"{row['fisher_p']} | {row['spot'][0]}/{n} vs {row['spot'][1]}/{n} | {row['fisher_p_spot']} |")
-    rows = route["rows"]
+        for name, cells in (("", row), (" refined", row.get("refined"))):
+            if cells is None:
+                continue
+            n = cells["samples"]
+            line = (f"| {row['label_guidance']:g}{name} | {cells['maps'][0]}/{n} vs {cells['maps'][1]}/{n} | "
+                    f"{cells['fisher_p_maps']} | {cells['segmenter'][0]}/{n} vs {cells['segmenter'][1]}/{n} | "
+                    f"{cells['fisher_p']} | {cells['spot'][0]}/{n} vs {cells['spot'][1]}/{n} | "
+                    f"{cells['fisher_p_spot']} |")
+            contrast = cells["map_lesion_contrast"][0]
+            lines.append(line + (f" {'-' if contrast is None else contrast} |" if refined else ""))
     lines += ["", "Each cell: the prompt asking for a lesion vs the one asking for none; p: two-sided Fisher exact "
               "test. Per sample at the first guidance (lesions in the map / the segmenter's lesion voxels):", ""]
     for key in ("lesion_prompt", "no_lesion_prompt"):
-        row = rows[key]
-        lines.append(f"- `{row['prompt']}`: map lesions {row['map_lesions']}, judged voxels {row['lesion_voxels']}")
+        row = route["rows"][key]
+        lines.append(f"- `{row['prompt']}`: map lesions {row['map_lesions']}, judged voxels {row['lesion_voxels']}"
+                     + (f"; after the refiner {route['rows_refined'][key]['lesion_voxels']}" if refined else ""))
     if route.get("figure"):
         lines += ["", f"![mask route samples]({Path(figure_path).parent / Path(route['figure']).name})"]
     return lines + [""]

@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--out",
                            str(tmp_path), "--dit-region-weight", "20", "--guidance", "3", "1", "--via-masks",
-                           "--label-guidance", "1", "2", "--negative"], capture_output=True, text=True, timeout=600)
+                           "--label-guidance", "1", "2", "--negative", "--refiner-steps", "3"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the DiT trained with loss weight 20 inside the lesions: its cache carried the label maps
-    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_neg_masks.json").read_text())
+    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_neg_masks_refiner.json").read_text())
     assert result["settings"]["dit_region_weight"] == 20
     rows = result["rows"]
     assert set(rows) == {"lesion_prompt", "no_lesion_prompt"}
@@ -33,8 +33,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert "inside its rim" in result["spot_rule"]["skipped"]
     assert result["lesion_contrast_held_out"]["real"] > 0  # the lesions are darker than the liver
     assert 0 <= result["fisher_p"] <= 1 and 0 <= result["fisher_p_spot"] <= 1
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks.png").stat().st_size > 5000
-    page = (tmp_path / "lesion_prompt_cpu_dw20_neg_masks.md").read_text()
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_refiner.png").stat().st_size > 5000
+    page = (tmp_path / "lesion_prompt_cpu_dw20_neg_masks_refiner.md").read_text()
     assert "| `CT abdomen portal venous, liver lesion" in page and "loss weight 20 inside liver lesions" in page
     assert "Spot rule: not fit (" in page
     # two guidance scales from the same DiT and seeds: the first is the headline, both are tabulated
@@ -51,8 +51,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert negative[0]["unsearched"] == [2, 2]  # the 4-step judge outlines no liver: every sample unsearched
     assert all(row["unsearched"] == [2, 2] for row in sweep)
     assert "Negative prompts (`--negative`)" in page and "| 2/2 vs 2/2 |" in page
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_negative.png").stat().st_size > 5000
-    assert "lesion_prompt_cpu_dw20_neg_masks_negative.png" in page
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_refiner_negative.png").stat().st_size > 5000
+    assert "lesion_prompt_cpu_dw20_neg_masks_refiner_negative.png" in page
     # the mask route: a label generator and a ControlNet trained, each prompt's maps drawn and their images judged
     route = result["mask_route"]
     assert route["settings"]["controlnet_steps"] == 4 == route["settings"]["label_steps"]
@@ -64,8 +64,17 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
         assert all((c > 0) == (v > 0) for c, v in zip(row["map_lesions"], row["map_lesion_voxels"]))
         assert route["summary"][0]["maps"][0 if key == "lesion_prompt" else 1] == row["maps_with_lesion"]
     assert all(0 <= row[k] <= 1 for row in route["summary"] for k in ("fisher_p_maps", "fisher_p", "fisher_p_spot"))
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_route.png").stat().st_size > 5000
-    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_neg_masks_route.png" in page
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_refiner_route.png").stat().st_size > 5000
+    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_neg_masks_refiner_route.png" in page
+    # the refiner: trained 3 steps (--quick caps at 4), the same images judged again after it, per guidance
+    assert route["settings"]["refiner_steps"] == 3 and result["train_seconds"]["refiner"] > 0
+    assert set(route["rows_refined"]) == set(route["rows"])
+    for key, row in route["rows_refined"].items():  # the same maps, judged in the refined images
+        assert row["map_lesions"] == route["rows"][key]["map_lesions"] and len(row["lesion_voxels"]) == 2
+    for row in route["summary"]:
+        assert row["refined"]["maps"] == row["maps"] and row["refined"]["label_guidance"] == row["label_guidance"]
+        assert len(row["map_lesion_contrast"]) == 2 == len(row["refined"]["map_lesion_contrast"])
+    assert "| 1 refined | " in page and "| 2 refined | " in page and "mask refiner (`configs/refiner/tiny.yaml`, 3 steps" in page
 
 
 def test_mask_route_row_counts_map_lesions_as_connected_regions() -> None:
@@ -88,6 +97,29 @@ def test_mask_route_row_counts_map_lesions_as_connected_regions() -> None:
     summary = mask_route_summary(4.0, {"lesion_prompt": row, "no_lesion_prompt": empty})
     assert summary["maps"] == [2, 0] and summary["segmenter"] == [1, 0] and summary["spot"] == [1, 0]
     assert summary["fisher_p_maps"] == 0.4  # 2/3 vs 0/3
+
+
+def test_map_lesion_contrast_and_a_fresh_refiner_leave_the_images_as_they_are() -> None:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_lesion_prompt import map_lesion_contrast, refine_images
+
+    from medsynth.models.mask_refiner import MaskRefiner3D, MaskRefinerConfig
+
+    label = np.zeros((8, 8, 8), np.int64)
+    label[2:6, 2:6, 2:6] = 1  # liver
+    label[3:5, 3:5, 3:5] = 9  # lesion inside it
+    image = np.where(label == 9, -0.2, np.where(label == 1, 0.3, -1.0)).astype(np.float32)
+    # only maps that hold a lesion count: the lesion-free map's image would otherwise add 0
+    assert map_lesion_contrast([image, image], [label, np.where(label == 9, 1, label)], 1, 9) == 0.5
+    assert map_lesion_contrast([image], [np.where(label == 9, 1, label)], 1, 9) is None
+    refiner = MaskRefiner3D(MaskRefinerConfig(num_classes=10, channels=4, num_groups=2)).eval()
+    assert np.array_equal(refine_images(refiner, [image], [label])[0], image)  # zero-initialised output: identity
+    with torch.no_grad():
+        refiner.conv_out.bias.fill_(5.0)  # a correction far above the model range: clamped into it
+    assert np.array_equal(refine_images(refiner, [image], [label])[0], np.ones_like(image))
 
 
 def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp_path) -> None:
@@ -115,3 +147,6 @@ def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick",
                            "--guidance", "3", "0.5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--guidance must be >= 1" in proc.stderr and not any(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick",
+                           "--refiner-steps", "5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--refiner-steps needs --via-masks" in proc.stderr and not any(tmp_path.iterdir())
