@@ -188,9 +188,10 @@ def fit_bench_refiner(autoencoder, images: list[np.ndarray], labels: list[np.nda
     ``autoencoder`` on the training images ``(X, Y, Z)`` and their label maps, as ``medsynth
     refiner fit`` trains it on a cache; returns its EMA weights (eval mode)."""
     import lightning as L
-    from torch.utils.data import DataLoader
+    from bench_modality import quiet_cpu_trainer
 
     from medsynth.training.mask_refiner import MaskRefinerModule, RefinerCases, collate_refiner
+    from medsynth.training.trainer import fit_steps
 
     cfg = yaml.safe_load((REPO / "configs/refiner/tiny.yaml").read_text())
     training = {**cfg["training"], "max_steps": steps}
@@ -202,13 +203,8 @@ def fit_bench_refiner(autoencoder, images: list[np.ndarray], labels: list[np.nda
     latent_std = float(torch.cat([it["latent"].flatten() for it in items]).std())
     L.seed_everything(int(training["seed"]), verbose=False)
     module = MaskRefinerModule(autoencoder, num_classes, cfg["refiner"], training, latent_std)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    loader = DataLoader(RefinerCases(items, training["patch_size"]), batch_size=int(training["batch_size"]),
-                        shuffle=True, drop_last=len(items) >= int(training["batch_size"]),
-                        collate_fn=collate_refiner)
-    trainer.fit(module, loader)
+    fit_steps(quiet_cpu_trainer(steps), module, RefinerCases(items, training["patch_size"]),
+              int(training["batch_size"]), collate_fn=collate_refiner)
     autoencoder.eval()
     return module.ema.eval()
 
@@ -231,6 +227,7 @@ def mask_route_summary(label_guidance: float, rows: dict) -> dict:
     n = a["samples"]
     return {"label_guidance": label_guidance, "samples": n,
             "maps": [a["maps_with_lesion"], b["maps_with_lesion"]],
+            "map_lesion_contrast": [a.get("map_lesion_contrast"), b.get("map_lesion_contrast")],
             "segmenter": [a["with_lesion"], b["with_lesion"]], "spot": [a["with_spot"], b["with_spot"]],
             "fisher_p_maps": round(fisher_p(a["maps_with_lesion"], n, b["maps_with_lesion"], n), 5),
             "fisher_p": round(fisher_p(a["with_lesion"], n, b["with_lesion"], n), 5),
@@ -531,10 +528,10 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
     Returns the record (``summary`` per label guidance, ``rows`` of the first; with a refiner each
     summary also holds ``refined``) and ``headline`` (the first guidance's rows with volumes and map
     lesions, for the figure: the refined images when there is a refiner)."""
-    from medsynth.data.phantoms import CT_LABELS
     from bench_modality import sample
 
     from medsynth.cli.controlnet import load_controlnet_config
+    from medsynth.data.phantoms import CT_LABELS
     from medsynth.cli.labels import load_label_config
     from medsynth.pipelines.label_generator_source import LabelGenerator
     from medsynth.training.controlnet import fit_controlnet, load_controlnet
@@ -559,9 +556,14 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
         refiner = fit_bench_refiner(autoencoder, *train_pairs, int(controlnet.config.num_classes), args.refiner_steps)
         timings["refiner"] = round(time.perf_counter() - t0, 1)
     liver = CT_LABELS["liver"]
-    summary, headline, first_rows = [], {}, None
-    pairs_keys = ("lesion_prompt", "no_lesion_prompt")
-    first_refined = None
+
+    def judged_row(prompt: str, maps: list[np.ndarray], images: list[np.ndarray]) -> dict:
+        """One prompt's images judged against their maps, with the contrast inside the maps' lesions."""
+        judged = [(count, verdict) for _, count, verdict in judge_images(images, segmenter, spot, lesion)]
+        return {**mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels),
+                "map_lesion_contrast": map_lesion_contrast(images, maps, liver, lesion)}
+
+    summary, headline, first_rows, first_refined = [], {}, None, None
     for label_guidance in args.label_guidance:
         rows, refined_rows = {}, {}
         for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
@@ -572,23 +574,16 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
             images = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
                             args.guidance[0], drop_text=False, drop_metadata=False, latent_shape=latent_shape,
                             seed=2024, controlnet=controlnet, masks=maps, mask_guidance=args.mask_guidance)
-            judged = [(count, verdict) for _, count, verdict in judge_images(images, segmenter, spot, lesion)]
-            rows[key] = {**mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels),
-                         "map_lesion_contrast": map_lesion_contrast(images, maps, liver, lesion)}
+            rows[key] = judged_row(prompt, maps, images)
             if refiner is not None:  # the same images, redrawn from their maps at full resolution
                 images = refine_images(refiner, images, maps)
-                judged = [(count, verdict) for _, count, verdict in judge_images(images, segmenter, spot, lesion)]
-                refined_rows[key] = {**mask_route_row(prompt, maps, judged, lesion, args.min_lesion_voxels),
-                                     "map_lesion_contrast": map_lesion_contrast(images, maps, liver, lesion)}
+                refined_rows[key] = judged_row(prompt, maps, images)
             if label_guidance == args.label_guidance[0]:  # the headline: its samples go into the figure
                 shown = refined_rows[key] if refiner is not None else rows[key]
                 headline[key] = {**shown, "volumes": images, "masks": [m == lesion for m in maps]}
         summary.append({**mask_route_summary(label_guidance, rows),
-                        "map_lesion_contrast": [rows[k]["map_lesion_contrast"] for k in pairs_keys],
-                        **({"refined": {**mask_route_summary(label_guidance, refined_rows),
-                                        "map_lesion_contrast": [refined_rows[k]["map_lesion_contrast"]
-                                                                for k in pairs_keys]}}
-                           if refiner is not None else {})})
+                        **({"refined": mask_route_summary(label_guidance, refined_rows)} if refiner is not None
+                           else {})})
         first_refined = first_refined or (refined_rows if refiner is not None else None)
         first_rows = first_rows or rows
     return {"settings": {"controlnet": "configs/controlnet/tiny.yaml", "controlnet_steps": args.controlnet_steps,

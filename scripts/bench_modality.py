@@ -81,6 +81,16 @@ class RandomCrops(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(image[window]))[None]}
 
 
+def quiet_cpu_trainer(max_steps: int):
+    """A CPU Lightning Trainer that stops after ``max_steps`` optimiser steps and writes nothing
+    (no logger, checkpoints, progress bar or validation): the benches' in-memory training runs."""
+    import lightning as L
+
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0)
+
+
 def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0, crop: int | None = None,
                     config: str = "configs/autoencoder/tiny.yaml"):
     """The tiny VQ-GAN on both modalities' volumes (reconstruction only at this budget).
@@ -99,9 +109,8 @@ def fit_autoencoder(images: list[np.ndarray], steps: int, seed: int = 0, crop: i
     L.seed_everything(seed, verbose=False)
     module = AutoencoderModule(cfg["model"], cfg["discriminator"], training)
     data = RandomCrops(images, crop, seed) if crop else [{"image": torch.from_numpy(img)[None]} for img in images]
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2 * steps + 2, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    # two optimiser steps per batch (generator, discriminator: manual optimisation)
+    trainer = quiet_cpu_trainer(2 * steps + 2)
     trainer.fit(module, DataLoader(data, batch_size=2, shuffle=True, drop_last=True))
     return module.model.eval()
 

@@ -97,6 +97,10 @@ def test_mask_route_row_counts_map_lesions_as_connected_regions() -> None:
     summary = mask_route_summary(4.0, {"lesion_prompt": row, "no_lesion_prompt": empty})
     assert summary["maps"] == [2, 0] and summary["segmenter"] == [1, 0] and summary["spot"] == [1, 0]
     assert summary["fisher_p_maps"] == 0.4  # 2/3 vs 0/3
+    assert summary["map_lesion_contrast"] == [None, None]  # rows that carry no contrast: none reported
+    summary = mask_route_summary(1.0, {"lesion_prompt": {**row, "map_lesion_contrast": 0.05},
+                                       "no_lesion_prompt": {**empty, "map_lesion_contrast": None}})
+    assert summary["map_lesion_contrast"] == [0.05, None]
 
 
 def test_map_lesion_contrast_and_a_fresh_refiner_leave_the_images_as_they_are() -> None:
