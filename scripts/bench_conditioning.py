@@ -560,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge-augmentation", choices=("none", "standard"), default="none",
                         help="augment the judge's training patches (standard: rotation, scaling, blur, noise, "
                              "brightness, contrast, gamma; no mirroring) or not (default none; the earlier pages)")
+    parser.add_argument("--judge-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="CT only: the HU window the judge reads its images in (e.g. -160 240, a soft-tissue "
+                             "window like nnU-Net's CT normalisation); default: the pipeline's own window "
+                             "([-1000, 1000] in the demo), where liver and spleen differ by about 0.01")
     parser.add_argument("--judge-steps", type=int, default=2000,
                         help="train the judge (SegResNet) this long on the real training split; 0: use the "
                              "pipeline's own quality-gate segmenter (the demo trains it briefly)")
@@ -586,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
         trained_on["lr_schedule"] = args.judge_lr_schedule
     if args.judge_augmentation != "none":
         trained_on["augmentation"] = args.judge_augmentation
+    if args.judge_window is not None:
+        if modality != "ct" or args.judge_steps <= 0:
+            sys.exit(f"--judge-window is for a CT judge trained here (--judge-steps > 0); got modality {modality}, "
+                     f"--judge-steps {args.judge_steps}")
+        if not args.judge_window[0] < args.judge_window[1]:
+            sys.exit(f"--judge-window needs LOW < HIGH in HU, got {args.judge_window}")
+        trained_on["window"] = [float(v) for v in args.judge_window]
     if args.judge_phantoms < 0 or (args.judge_phantoms and args.judge_steps <= 0):
         sys.exit(f"--judge-phantoms needs a count >= 0 and a judge to train (--judge-steps > 0), got "
                  f"--judge-phantoms {args.judge_phantoms} --judge-steps {args.judge_steps}")
@@ -593,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     schedule_words = "constant learning rate" if args.judge_lr_schedule == "constant" else "learning rate decayed (poly)"
     # what the record says about how the judge was trained, loaded or not
     judge_training = {"trained_on": trained_on_words, "lr": segmenter_lr(), "lr_schedule": schedule_words,
-                      "augmentation": args.judge_augmentation}
+                      "augmentation": args.judge_augmentation,
+                      **({"window_hu": trained_on["window"]} if "window" in trained_on else {})}
     if args.judge_dir is not None and (args.judge_dir / "config.json").is_file():
         from medsynth.training.segmentation import load_agreement_segmenter
 
@@ -613,7 +625,13 @@ def main(argv: list[str] | None = None) -> int:
         labels = {k: int(v) for k, v in real.labels.items() if k != "ignore"}
         if args.judge_phantoms:
             pairs += fresh_phantom_pairs(args.demo, args.judge_phantoms)
-        segmenter = fit_agreement_segmenter(pairs, labels, IntensityMapping.from_dict(pipe.record["intensity"]),
+        judge_intensity = IntensityMapping.from_dict(pipe.record["intensity"])
+        if args.judge_window is not None:  # the pairs are in the pipeline's model range: back to HU, into the window
+            window = IntensityMapping.ct_window(args.judge_window)
+            pairs = [(np.asarray(window.forward(judge_intensity.inverse(image)), np.float32), label)
+                     for image, label in pairs]
+            judge_intensity = window
+        segmenter = fit_agreement_segmenter(pairs, labels, judge_intensity,
                                             args.judge_steps, patch=32, seed=0, accelerator="cpu",
                                             lr_schedule=args.judge_lr_schedule,
                                             augmentation=args.judge_augmentation)
