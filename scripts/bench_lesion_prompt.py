@@ -174,6 +174,13 @@ def mask_route_row(prompt: str, maps: list[np.ndarray], judged: list[tuple[int, 
             "with_spot": int(sum(found)), "spot_found": found, "spot_scores": [s["score"] for _, s in judged]}
 
 
+def held_insertions(volume) -> int:
+    """Lesions a held map got by insertion rather than from the label generator (0 when nothing was
+    held; ``metadata.extra["mask_source"]["held"]`` of a :class:`LabelGenerator` map)."""
+    held = volume.metadata.extra.get("mask_source", {}).get("held") or {}
+    return int(sum((held.get("lesion_diameters") or {}).get("inserted", {}).values()))
+
+
 def map_lesion_contrast(images: list[np.ndarray], maps: list[np.ndarray], liver: int, lesion: int) -> float | None:
     """Mean over the maps with a lesion of (mean image in the map's liver - mean image in its
     lesion), model range: how dark the image draws the lesion its map asks for (None: no lesion)."""
@@ -227,6 +234,7 @@ def mask_route_summary(label_guidance: float, rows: dict) -> dict:
     n = a["samples"]
     return {"label_guidance": label_guidance, "samples": n,
             "maps": [a["maps_with_lesion"], b["maps_with_lesion"]],
+            "maps_inserted": [a.get("maps_inserted", 0), b.get("maps_inserted", 0)],
             "map_lesion_contrast": [a.get("map_lesion_contrast"), b.get("map_lesion_contrast")],
             "segmenter": [a["with_lesion"], b["with_lesion"]], "spot": [a["with_spot"], b["with_spot"]],
             "fisher_p_maps": round(fisher_p(a["maps_with_lesion"], n, b["maps_with_lesion"], n), 5),
@@ -343,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --via-masks: also train a mask refiner (configs/refiner/tiny.yaml) this many steps "
                              "and judge the mask route's images after it as well (the same images); 0: none; "
                              "results get a _refiner suffix")
+    parser.add_argument("--hold-findings", action="store_true",
+                        help="with --via-masks: the label generator holds each prompt's finding (what `medsynth "
+                             "generate --hold-findings` does: 'liver lesion 38 mm' -> one lesion of 38 mm +/- 25 %%, "
+                             "inserted when no draw has it; 'no lesion' -> none); results get a _held suffix")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
     command = " ".join(["python scripts/bench_lesion_prompt.py", *(sys.argv[1:] if argv is None else argv)])
@@ -354,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"_n{args.num}" if args.num > 96 else "")
             + ("_neg" if args.negative else "")
             + ("_masks" if args.via_masks else "")
+            + ("_held" if args.via_masks and args.hold_findings else "")
             + ("_refiner" if args.via_masks and args.refiner_steps else ""))
     if args.dit_region_weight < 1:
         parser.error(f"--dit-region-weight must be >= 1 (1 = unweighted), got {args.dit_region_weight:g}")
@@ -366,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.label_guidance} and {args.mask_guidance:g}")
     if args.refiner_steps < 0 or (args.refiner_steps and not args.via_masks):
         parser.error(f"--refiner-steps needs --via-masks and a count >= 0 (0: no refiner), got {args.refiner_steps}")
+    if args.hold_findings and not args.via_masks:
+        parser.error("--hold-findings steers the label generator of the mask route; add --via-masks")
     if args.quick:
         args.num, args.ae_steps, args.dit_steps, args.judge_steps, args.samples, args.steps = 8, 4, 4, 4, 2, 2
         args.controlnet_steps, args.label_steps = 4, 4
@@ -568,16 +583,17 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
         rows, refined_rows = {}, {}
         for key, prompt in (("lesion_prompt", LESION_PROMPT), ("no_lesion_prompt", NONE_PROMPT)):
             generators = [torch.Generator().manual_seed(4048 + i) for i in range(args.samples)]
-            maps = [np.asarray(v.array, np.int64) for v in
-                    labels([prompt] * args.samples, generators, size=(args.size,) * 3, spacing=meta["spacing"],
-                           guidance_scale=label_guidance)]
+            volumes = labels([prompt] * args.samples, generators, size=(args.size,) * 3, spacing=meta["spacing"],
+                             guidance_scale=label_guidance, hold_findings=args.hold_findings)
+            maps = [np.asarray(v.array, np.int64) for v in volumes]
+            inserted = [held_insertions(v) for v in volumes]
             images = sample(dit, encoder, autoencoder, scale, prompt, meta, args.samples, args.steps,
                             args.guidance[0], drop_text=False, drop_metadata=False, latent_shape=latent_shape,
                             seed=2024, controlnet=controlnet, masks=maps, mask_guidance=args.mask_guidance)
-            rows[key] = judged_row(prompt, maps, images)
+            rows[key] = {**judged_row(prompt, maps, images), "maps_inserted": int(sum(n > 0 for n in inserted))}
             if refiner is not None:  # the same images, redrawn from their maps at full resolution
                 images = refine_images(refiner, images, maps)
-                refined_rows[key] = judged_row(prompt, maps, images)
+                refined_rows[key] = {**judged_row(prompt, maps, images), "maps_inserted": rows[key]["maps_inserted"]}
             if label_guidance == args.label_guidance[0]:  # the headline: its samples go into the figure
                 shown = refined_rows[key] if refiner is not None else rows[key]
                 headline[key] = {**shown, "volumes": images, "masks": [m == lesion for m in maps]}
@@ -590,7 +606,7 @@ def mask_route(args, work: Path, dit_export: Path, dit, encoder, autoencoder, sc
                          "label_generator": "configs/labels/tiny.yaml",
                          "label_steps": args.label_steps or label_cfg["autoencoder_training"]["max_steps"],
                          "label_guidance": args.label_guidance, "guidance": args.guidance[0],
-                         "mask_guidance": args.mask_guidance,
+                         "mask_guidance": args.mask_guidance, "hold_findings": bool(args.hold_findings),
                          **({"refiner": "configs/refiner/tiny.yaml", "refiner_steps": args.refiner_steps}
                             if refiner is not None else {})},
             "rows": first_rows, **({"rows_refined": first_refined} if refiner is not None else {}),
@@ -716,6 +732,14 @@ def route_lines(r: dict, figure_path: Path) -> list[str]:
              f"(`{s['controlnet']}`, {s['controlnet_steps']} steps, {t.get('controlnet')} s) over the frozen DiT above "
              f"draws the image from the prompt and that map (text guidance {s['guidance']:g}, mask guidance "
              f"{s['mask_guidance']:g}). The same judges as above; the same seeds for both prompts.", ""]
+    if s.get("hold_findings"):
+        first = route["summary"][0]
+        lines += ["The label generator holds each prompt's finding (`--hold-findings`, what `medsynth generate "
+                  "--hold-findings` does): the lesion prompt's maps keep one lesion of the stated diameter +/- 25 % "
+                  "(redrawn up to 8 times; inserted by `insert_lesions` when no draw has one), the no-lesion "
+                  f"prompt's maps none. At label guidance {first['label_guidance']:g}, "
+                  f"{first['maps_inserted'][0]}/{first['samples']} of the lesion prompt's maps got their lesion by "
+                  "insertion; the rest drew it.", ""]
     refined = bool(s.get("refiner"))
     if refined:
         lines += [f"With a mask refiner (`{s['refiner']}`, {s['refiner_steps']} steps, {t.get('refiner')} s) trained "

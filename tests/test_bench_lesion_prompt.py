@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick", "--out",
                            str(tmp_path), "--dit-region-weight", "20", "--guidance", "3", "1", "--via-masks",
-                           "--label-guidance", "1", "2", "--negative", "--refiner-steps", "3"], capture_output=True, text=True, timeout=600)
+                           "--label-guidance", "1", "2", "--negative", "--refiner-steps", "3",
+                           "--hold-findings"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the DiT trained with loss weight 20 inside the lesions: its cache carried the label maps
-    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_neg_masks_refiner.json").read_text())
+    result = json.loads((tmp_path / "lesion_prompt_cpu_dw20_neg_masks_held_refiner.json").read_text())
     assert result["settings"]["dit_region_weight"] == 20
     rows = result["rows"]
     assert set(rows) == {"lesion_prompt", "no_lesion_prompt"}
@@ -33,8 +34,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert "inside its rim" in result["spot_rule"]["skipped"]
     assert result["lesion_contrast_held_out"]["real"] > 0  # the lesions are darker than the liver
     assert 0 <= result["fisher_p"] <= 1 and 0 <= result["fisher_p_spot"] <= 1
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_refiner.png").stat().st_size > 5000
-    page = (tmp_path / "lesion_prompt_cpu_dw20_neg_masks_refiner.md").read_text()
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_held_refiner.png").stat().st_size > 5000
+    page = (tmp_path / "lesion_prompt_cpu_dw20_neg_masks_held_refiner.md").read_text()
     assert "| `CT abdomen portal venous, liver lesion" in page and "loss weight 20 inside liver lesions" in page
     assert "Spot rule: not fit (" in page
     # two guidance scales from the same DiT and seeds: the first is the headline, both are tabulated
@@ -51,8 +52,8 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
     assert negative[0]["unsearched"] == [2, 2]  # the 4-step judge outlines no liver: every sample unsearched
     assert all(row["unsearched"] == [2, 2] for row in sweep)
     assert "Negative prompts (`--negative`)" in page and "| 2/2 vs 2/2 |" in page
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_refiner_negative.png").stat().st_size > 5000
-    assert "lesion_prompt_cpu_dw20_neg_masks_refiner_negative.png" in page
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_held_refiner_negative.png").stat().st_size > 5000
+    assert "lesion_prompt_cpu_dw20_neg_masks_held_refiner_negative.png" in page
     # the mask route: a label generator and a ControlNet trained, each prompt's maps drawn and their images judged
     route = result["mask_route"]
     assert route["settings"]["controlnet_steps"] == 4 == route["settings"]["label_steps"]
@@ -64,8 +65,14 @@ def test_quick_run_judges_both_prompts_and_reports_the_judge_on_real_cases(tmp_p
         assert all((c > 0) == (v > 0) for c, v in zip(row["map_lesions"], row["map_lesion_voxels"]))
         assert route["summary"][0]["maps"][0 if key == "lesion_prompt" else 1] == row["maps_with_lesion"]
     assert all(0 <= row[k] <= 1 for row in route["summary"] for k in ("fisher_p_maps", "fisher_p", "fisher_p_spot"))
-    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_refiner_route.png").stat().st_size > 5000
-    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_neg_masks_refiner_route.png" in page
+    # --hold-findings: each map holds its prompt's finding: none for "no lesion", at most the one asked for
+    assert route["settings"]["hold_findings"] is True and "holds each prompt's finding" in page
+    assert route["rows"]["no_lesion_prompt"]["map_lesions"] == [0, 0]
+    assert all(c <= 1 for c in route["rows"]["lesion_prompt"]["map_lesions"])
+    for row in route["summary"]:
+        assert row["maps_inserted"][1] == 0 and 0 <= row["maps_inserted"][0] <= row["maps"][0]
+    assert (tmp_path / "figures" / "lesion_prompt_cpu_dw20_neg_masks_held_refiner_route.png").stat().st_size > 5000
+    assert "## The mask route" in page and "| 2 | " in page and "lesion_prompt_cpu_dw20_neg_masks_held_refiner_route.png" in page
     # the refiner: trained 3 steps (--quick caps at 4), the same images judged again after it, per guidance
     assert route["settings"]["refiner_steps"] == 3 and result["train_seconds"]["refiner"] > 0
     assert set(route["rows_refined"]) == set(route["rows"])
@@ -154,3 +161,7 @@ def test_random_crops_for_larger_grids_cover_the_volume_and_refuse_odd_sizes(tmp
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick",
                            "--refiner-steps", "5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--refiner-steps needs --via-masks" in proc.stderr and not any(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_lesion_prompt.py"), "--quick",
+                           "--hold-findings", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--hold-findings steers the label generator" in proc.stderr
+    assert not any(tmp_path.iterdir())

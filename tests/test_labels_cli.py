@@ -109,12 +109,40 @@ def test_generate_from_generated_masks_with_lesions(parts, tmp_path, capsys):
     assert not np.array_equal(first, second)
 
 
+def test_generate_holds_each_prompts_finding_and_records_it(parts, tmp_path, capsys):
+    out = tmp_path / "synth"
+    code, _, err = run_cli(capsys, *_generate(parts, out, "--mask-source", "generator", "--hold-findings",
+                                              "--prompt", "CT abdomen, no lesion", "--prompt",
+                                              "CT abdomen, liver lesion 60 mm", "--num", "3"))
+    assert code == 0, err
+    dataset = read_dataset(out)
+    provenance = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+    assert [p["mask"]["prompt"] for p in provenance] == ["CT abdomen", "CT abdomen, no lesion",
+                                                         "CT abdomen, liver lesion 60 mm"]
+    assert "held" not in provenance[0]["mask"]  # nothing stated, nothing held
+    lesion = dataset.labels["liver_lesion"]
+    assert provenance[1]["mask"]["held"]["met"] and provenance[1]["mask"]["held"]["lesion_counts"]["asked"] == {
+        "liver_lesion": 0}
+    assert not (read_volume(dataset.cases[1].label, kind="label").array == lesion).any()
+    # the tiny model draws no lesion of 60 mm: one is inserted at that size, and the record says so
+    held = provenance[2]["mask"]["held"]
+    assert held["met"] and held["lesion_diameters"]["asked"] == {"liver_lesion": [48.0, 75.0]}
+    assert held["lesion_diameters"]["inserted"] == {"liver_lesion": 1}
+    from medsynth.data.phantom_shapes import Grid, equivalent_diameter
+
+    label = read_volume(dataset.cases[2].label, kind="label")
+    assert 48.0 <= equivalent_diameter(int((label.array == lesion).sum()), Grid(label.shape, label.spacing)) <= 75.0
+    block = json.loads((out / "dataset.json").read_text())["medsynth"]["generation"]["masks"]
+    assert block["generator_request"]["hold_findings"] is True
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--mask-source", "generator", "--label-attribute", "lung=0.5"], "unknown label 'lung'"),
     (["--mask-source", "generator", "--label-attribute", "liver=2"], "must lie in [0, 1]"),
     (["--mask-source", "generator", "--lesion-count", "4"], "outside what the model saw in training (0..0)"),
     (["--mask-source", "generator", "--label-attribute", "liver"], "expects CLASS=VALUE"),
     (["--label-attribute", "liver=0.5"], "add --mask-source generator"),
+    (["--hold-findings"], "add --mask-source generator"),
     (["--mask-source", "generator", "--bank", "nowhere"], "cannot be combined with --mask-source generator"),
 ])
 def test_generate_refusals_are_one_line_errors(parts, tmp_path, capsys, extra, fragment):

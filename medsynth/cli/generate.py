@@ -81,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "liver=0.9 (repeatable)")
     gen.add_argument("--lesion-count", action="append", default=[], metavar="[CLASS=]N",
                      help="with --mask-source generator: lesions per mask, within the training range (repeatable)")
+    gen.add_argument("--hold-findings", action="store_true",
+                     help="with --mask-source generator: each mask holds the lesion finding its prompt states "
+                          "('liver lesion 38 mm': one lesion of 38 mm +/- 25 %%; 'no lesion': none), redrawn and, "
+                          "when no draw has it, inserted")
     gen.add_argument("--mask-guidance", type=float, default=None,
                      help="separate mask guidance scale (default: the ControlNet's)")
     gen.add_argument("--no-refiner", action="store_true",
@@ -150,6 +154,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                   max_retries=args.max_retries, keep_failed=args.keep_failed,
                                   min_dice=args.min_dice, quality_gate=not args.no_quality_gate,
                                   label_attributes=list(args.label_attribute), lesion_counts=list(args.lesion_count),
+                                  hold_findings=args.hold_findings,
                                   negative_prompt=args.negative_prompt, refine=not args.no_refiner)
     if args.mask is not None and not args.mask.is_file():
         raise ConfigError(f"--mask file {args.mask} does not exist")

@@ -91,6 +91,9 @@ class GenerationSettings:
         quality_gate: run the quality gate on mask-conditioned samples.
         label_attributes: ``CLASS=QUANTILE`` organ-size requests for the label generator.
         lesion_counts: ``CLASS=N`` (or ``N``) lesion-count requests for the label generator.
+        hold_findings: the label generator holds the lesion findings each prompt states ("liver
+            lesion 38 mm", "no lesion"): count and diameter, inserting what no draw had
+            (:class:`~medsynth.pipelines.label_generator_source.LabelGenerator`).
         negative_prompt: what no case should show, for every case (see
             :meth:`MedSynthPipeline.__call__`); needs guidance.
         refine: refine mask-conditioned images with the pipeline's mask refiner, when it has
@@ -118,6 +121,7 @@ class GenerationSettings:
     quality_gate: bool = True
     label_attributes: list[str] = field(default_factory=list)
     lesion_counts: list[str] = field(default_factory=list)
+    hold_findings: bool = False
     negative_prompt: str | None = None
     refine: bool = True
 
@@ -149,8 +153,8 @@ class GenerationSettings:
         self.lesion_counts = [str(x) for x in self.lesion_counts or []]
         parse_attribute_items(self.label_attributes, "--label-attribute")
         parse_attribute_items(self.lesion_counts, "--lesion-count", integer=True)
-        if (self.label_attributes or self.lesion_counts) and self.mask_source != "generator":
-            raise ConfigError("--label-attribute and --lesion-count steer the label generator; add "
+        if (self.label_attributes or self.lesion_counts or self.hold_findings) and self.mask_source != "generator":
+            raise ConfigError("--label-attribute, --lesion-count and --hold-findings steer the label generator; add "
                               "--mask-source generator")
         if self.mask is not None and self.mask_source is not None:
             raise ConfigError("give either --mask FILE or --mask-source, not both")
@@ -323,7 +327,7 @@ def plan_masks(pipeline: MedSynthPipeline, settings: GenerationSettings) -> Mask
         plan.generator_request = {
             "volume_quantiles": parse_attribute_items(settings.label_attributes, "--label-attribute"),
             "lesion_counts": parse_attribute_items(settings.lesion_counts, "--lesion-count", integer=True),
-            "metadata": dict(settings.metadata)}
+            "metadata": dict(settings.metadata), **({"hold_findings": True} if settings.hold_findings else {})}
         plan.generator.attribute_values(plan.generator_request["volume_quantiles"],
                                         plan.generator_request["lesion_counts"])  # refusals before any output
     else:

@@ -180,6 +180,20 @@ def insert_lesions(label: Volume, specs: Sequence[LesionSpec], labels: Mapping[s
     return result, records
 
 
+def _fill_components(out: np.ndarray, components: np.ndarray, indices: Sequence[int], value: int) -> None:
+    """Fill the components ``indices`` (1-based labels of ``components``) of ``out`` in place with
+    the label that surrounds each most (the commonest value in its one-voxel shell, never
+    ``value`` itself), so the host closes over them as if they had never been drawn."""
+    from medsynth.evaluation.label_statistics import STRUCTURE_26
+
+    for index in indices:
+        component = components == index
+        shell = ndimage.binary_dilation(component, structure=STRUCTURE_26) & ~component
+        around = out[shell]
+        around = around[around != value]
+        out[component] = np.bincount(around.astype(np.int64)).argmax() if around.size else 0
+
+
 def keep_largest_lesions(array: np.ndarray, value: int, keep: int) -> tuple[np.ndarray, int]:
     """Keep the ``keep`` largest lesions (26-connected components of ``value``) of a label map.
 
@@ -204,13 +218,99 @@ def keep_largest_lesions(array: np.ndarray, value: int, keep: int) -> tuple[np.n
     sizes = np.bincount(components.ravel(), minlength=found + 1)[1:]
     # largest first; equal sizes keep the lower component index, so the choice is deterministic
     order = np.lexsort((np.arange(found), -sizes))
-    for index in order[keep:]:
-        component = components == index + 1
-        shell = ndimage.binary_dilation(component, structure=STRUCTURE_26) & ~component
-        around = out[shell]
-        around = around[around != value]
-        out[component] = np.bincount(around.astype(np.int64)).argmax() if around.size else 0
+    _fill_components(out, components, [int(i) + 1 for i in order[keep:]], value)
     return out, int(found)
 
 
-__all__ = ["LesionSpec", "parse_lesion_specs", "insert_lesions", "keep_largest_lesions", "LESION_FORMAT"]
+def drop_lesions_outside(array: np.ndarray, value: int, diameter_mm: tuple[float, float],
+                         spacing: Sequence[float]) -> tuple[np.ndarray, int]:
+    """Remove the lesions (26-connected components of ``value``) whose equivalent-sphere diameter
+    lies outside ``[low, high]`` mm, filling them as :func:`keep_largest_lesions` does.
+
+    Args:
+        array: ``(X, Y, Z)`` integer label map (not modified).
+        value: the lesion class's label value.
+        diameter_mm: ``(low, high)`` accepted diameters in mm.
+        spacing: voxel size in mm.
+
+    Returns:
+        ``(new map, number of lesions removed)``.
+    """
+    from medsynth.evaluation.label_statistics import STRUCTURE_26
+
+    components, found = ndimage.label(np.asarray(array) == value, structure=STRUCTURE_26)
+    grid = Grid(np.asarray(array).shape, tuple(float(s) for s in spacing))
+    sizes = np.bincount(components.ravel(), minlength=found + 1)[1:]
+    outside = [index + 1 for index, n in enumerate(sizes)
+               if not diameter_mm[0] <= equivalent_diameter(int(n), grid) <= diameter_mm[1]]
+    if not outside:
+        return np.asarray(array), 0
+    out = np.array(array, copy=True)
+    _fill_components(out, components, outside, value)
+    return out, len(outside)
+
+
+@dataclass(frozen=True)
+class PromptFinding:
+    """A lesion finding stated in a prompt.
+
+    Attributes:
+        class_name: the lesion label it names.
+        count: how many lesions the prompt states (0 for "no lesion").
+        diameter_mm: the stated diameter (of the only lesion, or of the largest), or None.
+    """
+
+    class_name: str
+    count: int
+    diameter_mm: float | None = None
+
+    def accepted_mm(self, tolerance: float) -> tuple[float, float] | None:
+        """Diameters a drawn lesion may have to count for this finding: the stated one within a
+        factor ``tolerance`` (``[d / t, d * t]``), or up to it for "N lesions, largest d mm";
+        None when no diameter is stated."""
+        if self.diameter_mm is None:
+            return None
+        if self.count == 1:
+            return self.diameter_mm / tolerance, self.diameter_mm * tolerance
+        return 0.0, self.diameter_mm * tolerance
+
+
+def _noun_pattern(words: Sequence[str]) -> str:
+    return r"\s+".join(re.escape(w) for w in words)
+
+
+def findings_in_prompt(prompt: str | None, lesion_names: Sequence[str]) -> dict[str, PromptFinding]:
+    """The lesion findings a prompt states, in the phantoms' and cohorts' prompt grammar.
+
+    A lesion class is named by its label's words (``liver_lesion`` -> "liver lesion"; a
+    ``*_core`` class also by its stem: ``tumour_core`` -> "tumour"). Understood: "liver lesion
+    38 mm" (one, 38 mm), "2 liver lesions, largest 30 mm" (two, the largest 30 mm), "2 liver
+    lesions", and "no lesion" / "no tumour" (none; the noun's last word). Case-insensitive;
+    anything else in the prompt is ignored.
+
+    Returns:
+        ``{class name: PromptFinding}`` for the classes the prompt speaks of.
+    """
+    out: dict[str, PromptFinding] = {}
+    text = str(prompt or "").lower()
+    for name in lesion_names:
+        words = name.lower().split("_")
+        nouns = [words] + ([words[:-1]] if len(words) > 1 and words[-1] == "core" else [])
+        for noun in nouns:
+            n = _noun_pattern(noun)
+            plural = re.search(rf"\b(\d+)\s+{n}s\b(?:\s*,\s*largest\s+(\d+(?:\.\d+)?)\s*mm)?", text)
+            single = re.search(rf"\b{n}\s+(\d+(?:\.\d+)?)\s*mm", text)
+            if plural:
+                out[name] = PromptFinding(name, int(plural[1]), None if plural[2] is None else float(plural[2]))
+            elif single:
+                out[name] = PromptFinding(name, 1, float(single[1]))
+            elif re.search(rf"\bno\s+{re.escape(noun[-1])}s?\b", text):
+                out[name] = PromptFinding(name, 0)
+            else:
+                continue
+            break
+    return out
+
+
+__all__ = ["LesionSpec", "parse_lesion_specs", "insert_lesions", "keep_largest_lesions", "drop_lesions_outside",
+           "PromptFinding", "findings_in_prompt", "LESION_FORMAT"]

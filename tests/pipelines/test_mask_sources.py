@@ -220,3 +220,47 @@ def test_insert_lesions_refuses_impossible_requests():
         insert_lesions(vol, [LesionSpec.parse("liver_lesion:1:1-2mm")], CT_LABELS, rng)
     with pytest.raises(ConfigError, match="no default host"):
         insert_lesions(vol, [LesionSpec.parse("aorta:1:5mm")], CT_LABELS, rng)
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("CT abdomen portal venous, liver lesion 38 mm, female, 60", {"liver_lesion": (1, 38.0)}),
+    ("CT abdomen non-contrast, 2 liver lesions, largest 30 mm, male, 71", {"liver_lesion": (2, 30.0)}),
+    ("CT abdomen, 3 Liver Lesions", {"liver_lesion": (3, None)}),
+    ("CT abdomen portal venous, no lesion, female, 60", {"liver_lesion": (0, None)}),
+    ("MR head FLAIR, tumour 22 mm with oedema, female, 55", {"tumour_core": (1, 22.0)}),
+    ("MR head T1, no tumour, male, 40", {"tumour_core": (0, None)}),
+    ("CT abdomen portal venous, female, 60", {}),
+    (None, {}),
+])
+def test_findings_in_prompt_reads_the_phantom_prompt_grammar(prompt, expected):
+    from medsynth.pipelines.lesions import findings_in_prompt
+
+    found = findings_in_prompt(prompt, ["liver_lesion", "tumour_core"])
+    assert {k: (f.count, f.diameter_mm) for k, f in found.items()} == expected
+
+
+def test_prompt_finding_accepts_diameters_around_the_stated_one():
+    from medsynth.pipelines.lesions import PromptFinding
+
+    assert PromptFinding("liver_lesion", 1, 40.0).accepted_mm(1.25) == (32.0, 50.0)
+    assert PromptFinding("liver_lesion", 2, 40.0).accepted_mm(1.25) == (0.0, 50.0)  # "largest 40 mm": up to it
+    assert PromptFinding("liver_lesion", 0).accepted_mm(1.25) is None
+
+
+def test_drop_lesions_outside_keeps_only_the_asked_diameters():
+    from medsynth.data.phantom_shapes import Grid, equivalent_diameter
+    from medsynth.pipelines.lesions import drop_lesions_outside
+
+    grid = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"), axis=-1)
+    label = np.ones((20, 20, 20), dtype=np.uint8)
+    label[np.linalg.norm(grid - 9.5, axis=-1) < 9] = 3
+    for radius, centre in ((1.0, (5, 9, 9)), (3.0, (13, 9, 9))):
+        label[np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius] = 9
+    spacing = (2.0, 2.0, 2.0)
+    big = int((np.linalg.norm(grid - np.asarray((13, 9, 9)), axis=-1) <= 3.0).sum())
+    diameter = equivalent_diameter(big, Grid(label.shape, spacing))
+    kept, removed = drop_lesions_outside(label, 9, (diameter - 1, diameter + 1), spacing)
+    assert removed == 1 and kept[13, 9, 9] == 9 and kept[5, 9, 9] == 3  # the small one closed by the liver
+    assert ((kept != label) <= (label == 9)).all() and int((kept == 9).sum()) == big
+    same, removed = drop_lesions_outside(label, 9, (0.0, 1000.0), spacing)
+    assert removed == 0 and np.array_equal(same, label)

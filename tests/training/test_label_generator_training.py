@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy import ndimage
 
 from medsynth.errors import ConfigError, InputError
 
@@ -349,6 +350,69 @@ def test_asked_lesion_counts_and_sizes_are_held_by_redrawing_and_trimming(export
     gen.max_draws = 0  # the model's own maps, untouched and unrecorded
     plain = gen("CT abdomen", [torch.Generator().manual_seed(0)], lesion_counts={"liver_lesion": 0})[0]
     assert "held" not in plain.metadata.extra["mask_source"]
+
+
+def test_stated_findings_are_held_by_size_and_inserted_when_no_draw_has_them(export):
+    from medsynth.data.phantom_shapes import Grid, equivalent_diameter
+    from medsynth.pipelines.label_generator_source import FINDING_SIZE_TOLERANCE, LabelGenerator
+
+    gen = LabelGenerator.from_pretrained(export)
+    gen.native_spacing = (1.0, 1.0, 1.0)
+    grid = Grid((16, 16, 16), gen.native_spacing)
+    # a ball of radius 2.2 voxels is ~4 mm across at 1 mm, one of radius 1.0 is ~2.4 mm
+    counts, diameters = gen.finding_requests("CT abdomen portal venous, liver lesion 4 mm, female, 60", {})
+    assert counts == {"liver_lesion": 1}
+    assert diameters == {"liver_lesion": (4 / FINDING_SIZE_TOLERANCE, 4 * FINDING_SIZE_TOLERANCE)}
+    assert gen.finding_requests("CT abdomen, liver lesion 4 mm", {"liver_lesion": 0}) == (
+        {"liver_lesion": 0}, {"liver_lesion": (3.2, 5.0)})  # an explicit count wins over the prompt's
+
+    def lesion_diameters(label):
+        components, found = ndimage.label(label == 9, structure=np.ones((3, 3, 3)))
+        return [equivalent_diameter(int((components == i).sum()), grid) for i in range(1, found + 1)]
+
+    # a too-small lesion does not count: the second draw has one of the stated size, kept alone
+    draws = iter([_map_with_lesions([2.2, 1.0])])
+    held, record = gen._hold_requests(_map_with_lesions([1.0]), counts, {}, lambda: next(draws), diameters)
+    assert record["draws"] == 2 and record["met"]
+    assert record["lesion_diameters"] == {"asked": {"liver_lesion": [3.2, 5.0]},
+                                          "out_of_range_removed": {"liver_lesion": 1}, "inserted": {}}
+    assert [round(d, 1) for d in lesion_diameters(held)] == [round(lesion_diameters(_map_with_lesions([2.2]))[0], 1)]
+    # no draw has one: the best draw is cleared of the wrong ones and gets one inserted at the size
+    gen.max_draws = 3
+    held, record = gen._hold_requests(_map_with_lesions([1.0]), counts, {}, lambda: _map_with_lesions([1.0]),
+                                      diameters, seed=5)
+    assert record["draws"] == 3 and record["met"] and record["lesion_diameters"]["inserted"] == {"liver_lesion": 1}
+    (inserted,) = lesion_diameters(held)
+    assert 3.2 <= inserted <= 5.0
+    assert set(np.unique(held[_map_with_lesions([]) == 1]).tolist()) == {1}  # placed in the liver, not the body
+    again, _ = gen._hold_requests(_map_with_lesions([1.0]), counts, {}, lambda: _map_with_lesions([1.0]),
+                                  diameters, seed=5)
+    np.testing.assert_array_equal(again, held)  # placement follows the seed
+    # a host too small for the stated size: nothing inserted, the record says why and that it was not met
+    tiny = _map_with_lesions([], liver_radius=1.5)
+    held, record = gen._hold_requests(tiny, {"liver_lesion": 1}, {}, lambda: tiny, {"liver_lesion": (8.0, 12.5)})
+    assert not record["met"] and "does not fit" in record["lesion_diameters"]["not_inserted"]["liver_lesion"]
+    assert np.array_equal(held, tiny)
+    # "no lesion" holds zero lesions
+    counts, diameters = gen.finding_requests("CT abdomen, no lesion", {})
+    held, record = gen._hold_requests(_map_with_lesions([2.2]), counts, {}, lambda: _map_with_lesions([2.2]),
+                                      diameters)
+    assert record["met"] and not (held == 9).any() and "lesion_diameters" not in record
+
+
+def test_sampling_holds_prompt_findings_only_when_asked(export):
+    from medsynth.pipelines.label_generator_source import LabelGenerator
+
+    gen = LabelGenerator.from_pretrained(export)
+    seeds = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    plain = gen(["CT abdomen, no lesion"] * 2, seeds, guidance_scale=1.0)
+    assert all("held" not in v.metadata.extra["mask_source"] for v in plain)
+    seeds = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    held = gen(["CT abdomen, no lesion"] * 2, seeds, guidance_scale=1.0, hold_findings=True)
+    for volume in held:
+        info = volume.metadata.extra["mask_source"]["held"]
+        assert info["met"] and info["lesion_counts"]["asked"] == {"liver_lesion": 0}
+        assert not (volume.array == 9).any()
 
 
 @pytest.mark.parametrize("request_, fragment", [
