@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -123,9 +125,17 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
     # a judge trained on 3 fresh real phantoms besides the training split
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_conditioning.py"), "--demo", str(demo),
                            "--out", str(tmp_path / "bench4"), "--num", "1", "--steps", "2", "--judge-steps", "3",
-                           "--judge-phantoms", "3"], capture_output=True, text=True, timeout=900)
+                           "--judge-phantoms", "3", "--judge-window", "-160", "240", "--judge-dir",
+                           str(tmp_path / "judge_window")], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads((tmp_path / "bench4" / "conditioning_ct.json").read_text())["segmenter"]
+    # ... reading CT in its own soft-tissue window: the kept judge maps HU through it, not the pipeline's range
+    assert fresh["window_hu"] == [-160.0, 240.0]
+    from medsynth.training.segmentation import load_agreement_segmenter
+
+    windowed = load_agreement_segmenter(tmp_path / "judge_window").intensity
+    assert (windowed.low, windowed.high) == (-160.0, 240.0)
+    assert windowed.forward(np.array([40.0, 500.0])).tolist() == [0.0, 1.0]  # 40 HU mid-window, clipped above
     from medsynth.data.manifest import read_dataset
 
     assert fresh["training_cases"] == len(read_dataset(demo / "prepared").splits["train"]) + 3
