@@ -142,6 +142,11 @@ def spread(volumes: list[np.ndarray]) -> float:
     return round(float(np.std(np.stack(volumes), axis=0).mean()), 4)
 
 
+def p_value(p: float) -> float:
+    """A p-value kept to 3 significant digits (16/16 vs 0/16 gives 1.7e-09, not 0.0)."""
+    return float(f"{p:.3g}")
+
+
 def lesion_components(label: np.ndarray, lesion: int) -> int:
     """Connected lesion regions (26-connectivity) in a label map."""
     from scipy import ndimage
@@ -237,9 +242,9 @@ def mask_route_summary(label_guidance: float, rows: dict) -> dict:
             "maps_inserted": [a.get("maps_inserted", 0), b.get("maps_inserted", 0)],
             "map_lesion_contrast": [a.get("map_lesion_contrast"), b.get("map_lesion_contrast")],
             "segmenter": [a["with_lesion"], b["with_lesion"]], "spot": [a["with_spot"], b["with_spot"]],
-            "fisher_p_maps": round(fisher_p(a["maps_with_lesion"], n, b["maps_with_lesion"], n), 5),
-            "fisher_p": round(fisher_p(a["with_lesion"], n, b["with_lesion"], n), 5),
-            "fisher_p_spot": round(fisher_p(a["with_spot"], n, b["with_spot"], n), 5)}
+            "fisher_p_maps": p_value(fisher_p(a["maps_with_lesion"], n, b["maps_with_lesion"], n)),
+            "fisher_p": p_value(fisher_p(a["with_lesion"], n, b["with_lesion"], n)),
+            "fisher_p_spot": p_value(fisher_p(a["with_spot"], n, b["with_spot"], n))}
 
 
 def sweep_row(guidance: float, rows: dict) -> dict:
@@ -248,8 +253,8 @@ def sweep_row(guidance: float, rows: dict) -> dict:
     return {"guidance": guidance, "samples": a["samples"],
             "segmenter": [a["with_lesion"], b["with_lesion"]],
             "spot": [a["with_spot"], b["with_spot"]],
-            "fisher_p": round(fisher_p(a["with_lesion"], a["samples"], b["with_lesion"], b["samples"]), 5),
-            "fisher_p_spot": round(fisher_p(a["with_spot"], a["samples"], b["with_spot"], b["samples"]), 5),
+            "fisher_p": p_value(fisher_p(a["with_lesion"], a["samples"], b["with_lesion"], b["samples"])),
+            "fisher_p_spot": p_value(fisher_p(a["with_spot"], a["samples"], b["with_spot"], b["samples"])),
             "spread": [a["spread"], b["spread"]],
             # samples whose liver the spot rule could not search (the segmenter outlined none big enough)
             "unsearched": [sum(v is None for v in r["spot_scores"]) for r in (a, b)],
