@@ -143,7 +143,7 @@ def spread(volumes: list[np.ndarray]) -> float:
 
 
 def p_value(p: float) -> float:
-    """A p-value kept to 3 significant digits (16/16 vs 0/16 gives 1.7e-09, not 0.0)."""
+    """A p-value kept to 3 significant digits (16/16 vs 0/16 gives 3.33e-09, not 0.0)."""
     return float(f"{p:.3g}")
 
 
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                              "results get a _refiner suffix")
     parser.add_argument("--hold-findings", action="store_true",
                         help="with --via-masks: the label generator holds each prompt's finding (what `medsynth "
-                             "generate --hold-findings` does: 'liver lesion 38 mm' -> one lesion of 38 mm +/- 25 %%, "
+                             "generate --hold-findings` does: 'liver lesion 38 mm' -> one lesion of 30.4-47.5 mm, "
                              "inserted when no draw has it; 'no lesion' -> none); results get a _held suffix")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks that it runs, not what it measures")
     args = parser.parse_args(argv)
@@ -740,11 +740,13 @@ def route_lines(r: dict, figure_path: Path) -> list[str]:
     if s.get("hold_findings"):
         first = route["summary"][0]
         lines += ["The label generator holds each prompt's finding (`--hold-findings`, what `medsynth generate "
-                  "--hold-findings` does): the lesion prompt's maps keep one lesion of the stated diameter +/- 25 % "
+                  "--hold-findings` does): the lesion prompt's maps keep one lesion of the stated diameter within a factor 1.25 "
                   "(redrawn up to 8 times; inserted by `insert_lesions` when no draw has one), the no-lesion "
                   f"prompt's maps none. At label guidance {first['label_guidance']:g}, "
                   f"{first['maps_inserted'][0]}/{first['samples']} of the lesion prompt's maps got their lesion by "
-                  "insertion; the rest drew it.", ""]
+                  f"insertion and {first['maps'][0] - first['maps_inserted'][0]} drew it themselves"
+                  + (f"; {first['samples'] - first['maps'][0]} have none (no host could take it: `mask.held`)"
+                     if first['maps'][0] < first['samples'] else "") + ".", ""]
     refined = bool(s.get("refiner"))
     if refined:
         lines += [f"With a mask refiner (`{s['refiner']}`, {s['refiner_steps']} steps, {t.get('refiner')} s) trained "

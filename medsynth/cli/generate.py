@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="with --mask-source generator: lesions per mask, within the training range (repeatable)")
     gen.add_argument("--hold-findings", action="store_true",
                      help="with --mask-source generator: each mask holds the lesion finding its prompt states "
-                          "('liver lesion 38 mm': one lesion of 38 mm +/- 25 %%; 'no lesion': none), redrawn and, "
+                          "('liver lesion 38 mm': one lesion of 38 mm within a factor 1.25 (30.4-47.5 mm); 'no lesion': none), redrawn and, "
                           "when no draw has it, inserted")
     gen.add_argument("--mask-guidance", type=float, default=None,
                      help="separate mask guidance scale (default: the ControlNet's)")

@@ -214,7 +214,8 @@ class MaskPlan:
         bank: the mask bank (source "bank"); ``size``/``spacing`` are its target grid.
         generator: the :class:`~medsynth.pipelines.label_generator_source.LabelGenerator`
             (source "generator"), sampled on ``size``/``spacing`` from the case prompt and
-            ``generator_request`` (``volume_quantiles``, ``lesion_counts``, ``metadata``).
+            ``generator_request`` (``volume_quantiles``, ``lesion_counts``, ``metadata`` and, with
+            ``--hold-findings``, ``hold_findings``).
         lesions: requests painted into every case's mask.
     """
 

@@ -32,7 +32,10 @@ largest 30 mm", "no lesion"): the stated count, and lesions of the stated diamet
 When no draw has them, the missing lesions are inserted into the best draw by
 :func:`~medsynth.pipelines.lesions.insert_lesions` (in their default host, at the stated size), so
 the map holds what the prompt asked for; the record says how many the model drew and how many were
-inserted. The tiny model draws lesions from a lesion prompt but smaller than any training lesion
+inserted, and their measured diameters. Insertion needs a stated diameter and a default host organ
+(``liver_lesion`` -> liver): a count without a size ("2 liver lesions"), or a class without a host
+(``tumour_core``), is only redrawn, and a map that still misses it is marked ``met: false``. Organ
+size quantiles are measured before insertion. The tiny model draws lesions from a lesion prompt but smaller than any training lesion
 (docs/benchmarks/lesion_prompt_cpu_scanner_noise_f2_masks_refiner.md).
 """
 
@@ -273,7 +276,9 @@ class LabelGenerator:
             if hold_findings:
                 counts, diameters = self.finding_requests(prompts[i], lesions)
             if (counts or sizes) and self.max_draws > 0:
-                seed = int(gens[i].initial_seed()) if gens is not None else 0
+                # inserted lesions follow the map's own seed (one generator for all: its seed + i)
+                seed = int(gens[i].initial_seed()) if gens is not None else \
+                    (int(generator.initial_seed()) + i if isinstance(generator, torch.Generator) else i)
                 label[i], held[i] = self._hold_requests(label[i], counts, sizes, lambda i=i: draw([i])[0],
                                                         diameters, seed)
         dtype = np.uint8 if max(self.labels.values()) < 256 else np.uint16
@@ -307,7 +312,7 @@ class LabelGenerator:
             if accepted is not None and finding.count > 0:
                 diameters[name] = accepted
         counts.update(lesion_counts)
-        return counts, diameters
+        return counts, {name: accepted for name, accepted in diameters.items() if counts.get(name, 0) > 0}
 
     def _hold_requests(self, label: np.ndarray, lesions: Mapping[str, int], sizes: Mapping[str, float],
                        redraw: Callable[[], np.ndarray], diameters: Mapping[str, tuple[float, float]] | None = None,
@@ -351,14 +356,18 @@ class LabelGenerator:
             candidate, draws = judge(redraw()), draws + 1
             if candidate["rank"] < best["rank"]:
                 best = candidate
-        inserted, refused = self._insert_missing(best, lesions, diameters, seed)
+        inserted, refused, measured = self._insert_missing(best, lesions, diameters, seed)
         missing = sum(max(0, lesions[n] - best["drawn"][n] - inserted.get(n, 0)) for n in lesions)
-        record: dict[str, Any] = {"draws": draws, "met": missing == 0 and best["rank"][1] == 0.0}
+        # an inserted lesion counts only when its measured size is one the finding accepts
+        sized = all(any(lo <= d <= hi for lo, hi in diameters.values()) for d in measured)
+        record: dict[str, Any] = {"draws": draws, "met": missing == 0 and sized and best["rank"][1] == 0.0}
         if lesions:
             record["lesion_counts"] = {"asked": dict(lesions), "drawn": best["drawn"], "removed": best["removed"]}
         if diameters:
             record["lesion_diameters"] = {"asked": {n: [round(lo, 2), round(hi, 2)] for n, (lo, hi) in diameters.items()},
                                           "out_of_range_removed": best["outside"], "inserted": inserted,
+                                          **({"inserted_diameters_mm": [round(d, 2) for d in measured]}
+                                             if measured else {}),
                                           **({"not_inserted": refused} if refused else {})}
         if sizes:
             record["size_quantiles"] = {"asked": dict(sizes), "reached": best["reached"],
@@ -366,13 +375,17 @@ class LabelGenerator:
         return best["map"], record
 
     def _insert_missing(self, best: dict[str, Any], lesions: Mapping[str, int],
-                        diameters: Mapping[str, tuple[float, float]], seed: int) -> tuple[dict[str, int], dict[str, str]]:
-        """Insert the lesions of a stated diameter that no draw had into ``best["map"]`` (in place
-        of the dict entry). Returns ``(inserted per class, why not per class)``."""
+                        diameters: Mapping[str, tuple[float, float]], seed: int
+                        ) -> tuple[dict[str, int], dict[str, str], list[float]]:
+        """Insert the lesions of a stated diameter that no draw had into ``best["map"]`` (the dict
+        entry is replaced). A class is inserted into its default host organ
+        (:meth:`LesionSpec.resolve_host`); a class without one (e.g. ``tumour_core``) or a host too
+        small is not, and says why. Returns ``(inserted per class, why not per class, measured
+        diameters in mm of the inserted lesions)``."""
         from medsynth.pipelines.lesions import LesionSpec, insert_lesions
         from medsynth.pipelines.pipeline import centred_ras_affine
 
-        inserted, refused = {}, {}
+        inserted, refused, measured = {}, {}, []
         rng = np.random.default_rng(seed)
         for name, (low, high) in diameters.items():
             short = max(0, int(lesions.get(name, 0)) - int(best["drawn"].get(name, 0)))
@@ -384,17 +397,17 @@ class LabelGenerator:
             else:  # "N liver lesions, largest d mm": the accepted range is [0, d * t]; insert at d / 2 .. d
                 top = high / FINDING_SIZE_TOLERANCE
                 bottom = top / 2.0
-            spec = LesionSpec(name, short, bottom, top)
             volume = Volume(best["map"], centred_ras_affine(best["map"].shape, self.native_spacing), "label")
             try:
-                placed, _ = insert_lesions(volume, [spec], self.labels, rng)
-            except ConfigError as err:  # e.g. the drawn liver is too small: the record says so
-                refused[name] = str(err)
+                spec = LesionSpec(name, short, bottom, top)
+                placed, records = insert_lesions(volume, [spec], self.labels, rng)
+            except ConfigError as err:  # no host organ, a host too small, a count over the limit: recorded
+                refused[name] = f"not inserted: {err}"
                 continue
             best["map"] = np.asarray(placed.array).astype(best["map"].dtype)
             inserted[name] = short
-        return inserted, refused
-
+            measured += [float(r["diameter_mm"]) for r in records]
+        return inserted, refused, measured
 
 __all__ = ["LabelGenerator", "parse_attribute_items", "DEFAULT_MAX_DRAWS", "SIZE_QUANTILE_TOLERANCE",
            "FINDING_SIZE_TOLERANCE"]

@@ -285,8 +285,9 @@ def findings_in_prompt(prompt: str | None, lesion_names: Sequence[str]) -> dict[
     A lesion class is named by its label's words (``liver_lesion`` -> "liver lesion"; a
     ``*_core`` class also by its stem: ``tumour_core`` -> "tumour"). Understood: "liver lesion
     38 mm" (one, 38 mm), "2 liver lesions, largest 30 mm" (two, the largest 30 mm), "2 liver
-    lesions", and "no lesion" / "no tumour" (none; the noun's last word). Case-insensitive;
-    anything else in the prompt is ignored.
+    lesions", and "no lesion" / "no liver lesion" / "no tumour" (none: "no" before any word of
+    the class's name, so "no tumour" clears ``tumour_core`` and ``tumour_oedema`` alike).
+    Case-insensitive; a stated size of 0 mm counts as no size; anything else is ignored.
 
     Returns:
         ``{class name: PromptFinding}`` for the classes the prompt speaks of.
@@ -301,14 +302,17 @@ def findings_in_prompt(prompt: str | None, lesion_names: Sequence[str]) -> dict[
             plural = re.search(rf"\b(\d+)\s+{n}s\b(?:\s*,\s*largest\s+(\d+(?:\.\d+)?)\s*mm)?", text)
             single = re.search(rf"\b{n}\s+(\d+(?:\.\d+)?)\s*mm", text)
             if plural:
-                out[name] = PromptFinding(name, int(plural[1]), None if plural[2] is None else float(plural[2]))
+                size = None if plural[2] is None or float(plural[2]) <= 0 else float(plural[2])
+                out[name] = PromptFinding(name, int(plural[1]), size)
             elif single:
-                out[name] = PromptFinding(name, 1, float(single[1]))
-            elif re.search(rf"\bno\s+{re.escape(noun[-1])}s?\b", text):
-                out[name] = PromptFinding(name, 0)
+                out[name] = PromptFinding(name, 1, float(single[1]) if float(single[1]) > 0 else None)
             else:
                 continue
             break
+        else:
+            named = "|".join(re.escape(w) for w in words if w != "core")
+            if named and re.search(rf"\bno\s+(?:[a-z]+\s+)?(?:{named})s?\b", text):
+                out[name] = PromptFinding(name, 0)
     return out
 
 

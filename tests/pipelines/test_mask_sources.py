@@ -229,6 +229,8 @@ def test_insert_lesions_refuses_impossible_requests():
     ("CT abdomen portal venous, no lesion, female, 60", {"liver_lesion": (0, None)}),
     ("MR head FLAIR, tumour 22 mm with oedema, female, 55", {"tumour_core": (1, 22.0)}),
     ("MR head T1, no tumour, male, 40", {"tumour_core": (0, None)}),
+    ("CT abdomen portal venous, no liver lesion", {"liver_lesion": (0, None)}),
+    ("CT abdomen, liver lesion 0 mm", {"liver_lesion": (1, None)}),  # no size is not a size of 0
     ("CT abdomen portal venous, female, 60", {}),
     (None, {}),
 ])
@@ -264,3 +266,12 @@ def test_drop_lesions_outside_keeps_only_the_asked_diameters():
     assert ((kept != label) <= (label == 9)).all() and int((kept == 9).sum()) == big
     same, removed = drop_lesions_outside(label, 9, (0.0, 1000.0), spacing)
     assert removed == 0 and np.array_equal(same, label)
+
+
+def test_no_tumour_clears_every_class_of_the_tumour():
+    from medsynth.pipelines.lesions import findings_in_prompt
+
+    found = findings_in_prompt("MR head T1, no tumour, male, 40", ["tumour_oedema", "tumour_core"])
+    assert {k: f.count for k, f in found.items()} == {"tumour_oedema": 0, "tumour_core": 0}
+    stated = findings_in_prompt("MR head FLAIR, tumour 22 mm with oedema", ["tumour_oedema", "tumour_core"])
+    assert {k: (f.count, f.diameter_mm) for k, f in stated.items()} == {"tumour_core": (1, 22.0)}

@@ -364,7 +364,7 @@ def test_stated_findings_are_held_by_size_and_inserted_when_no_draw_has_them(exp
     assert counts == {"liver_lesion": 1}
     assert diameters == {"liver_lesion": (4 / FINDING_SIZE_TOLERANCE, 4 * FINDING_SIZE_TOLERANCE)}
     assert gen.finding_requests("CT abdomen, liver lesion 4 mm", {"liver_lesion": 0}) == (
-        {"liver_lesion": 0}, {"liver_lesion": (3.2, 5.0)})  # an explicit count wins over the prompt's
+        {"liver_lesion": 0}, {})  # an explicit count wins over the prompt's, and zero lesions have no size
 
     def lesion_diameters(label):
         components, found = ndimage.label(label == 9, structure=np.ones((3, 3, 3)))
@@ -383,15 +383,21 @@ def test_stated_findings_are_held_by_size_and_inserted_when_no_draw_has_them(exp
                                       diameters, seed=5)
     assert record["draws"] == 3 and record["met"] and record["lesion_diameters"]["inserted"] == {"liver_lesion": 1}
     (inserted,) = lesion_diameters(held)
-    assert 3.2 <= inserted <= 5.0
+    assert 3.2 <= inserted <= 5.0 and record["lesion_diameters"]["inserted_diameters_mm"] == [round(inserted, 2)]
     assert set(np.unique(held[_map_with_lesions([]) == 1]).tolist()) == {1}  # placed in the liver, not the body
     again, _ = gen._hold_requests(_map_with_lesions([1.0]), counts, {}, lambda: _map_with_lesions([1.0]),
                                   diameters, seed=5)
-    np.testing.assert_array_equal(again, held)  # placement follows the seed
+    np.testing.assert_array_equal(again, held)  # placement follows the seed ...
+    other = [gen._hold_requests(_map_with_lesions([1.0]), counts, {}, lambda: _map_with_lesions([1.0]), diameters,
+                                seed=s)[0] for s in (6, 7, 8)]
+    assert any(not np.array_equal(o, held) for o in other)  # ... and another seed places it elsewhere
     # a host too small for the stated size: nothing inserted, the record says why and that it was not met
     tiny = _map_with_lesions([], liver_radius=1.5)
     held, record = gen._hold_requests(tiny, {"liver_lesion": 1}, {}, lambda: tiny, {"liver_lesion": (8.0, 12.5)})
     assert not record["met"] and "does not fit" in record["lesion_diameters"]["not_inserted"]["liver_lesion"]
+    # a stated count over the insertion limit is recorded, not raised after sampling
+    held, record = gen._hold_requests(tiny, {"liver_lesion": 150}, {}, lambda: tiny, {"liver_lesion": (0.0, 5.0)})
+    assert not record["met"] and "lesion count" in record["lesion_diameters"]["not_inserted"]["liver_lesion"]
     assert np.array_equal(held, tiny)
     # "no lesion" holds zero lesions
     counts, diameters = gen.finding_requests("CT abdomen, no lesion", {})
