@@ -180,6 +180,15 @@ def insert_lesions(label: Volume, specs: Sequence[LesionSpec], labels: Mapping[s
     return result, records
 
 
+def _lesion_components(array: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lesions of ``value`` in a label map: ``(components (X, Y, Z) labelled 1..n by 26-connectivity,
+    voxel count of each, length n)``."""
+    from medsynth.evaluation.label_statistics import STRUCTURE_26
+
+    components, found = ndimage.label(np.asarray(array) == value, structure=STRUCTURE_26)
+    return components, np.bincount(components.ravel(), minlength=found + 1)[1:]
+
+
 def _fill_components(out: np.ndarray, components: np.ndarray, indices: Sequence[int], value: int) -> None:
     """Fill the components ``indices`` (1-based labels of ``components``) of ``out`` in place with
     the label that surrounds each most (the commonest value in its one-voxel shell, never
@@ -209,13 +218,11 @@ def keep_largest_lesions(array: np.ndarray, value: int, keep: int) -> tuple[np.n
     Returns:
         ``(new map, number of components found)``; ``max(0, found - keep)`` of them were removed.
     """
-    from medsynth.evaluation.label_statistics import STRUCTURE_26
-
-    components, found = ndimage.label(np.asarray(array) == value, structure=STRUCTURE_26)
+    components, sizes = _lesion_components(array, value)
+    found = len(sizes)
     if found <= keep:
         return np.asarray(array), int(found)
     out = np.array(array, copy=True)
-    sizes = np.bincount(components.ravel(), minlength=found + 1)[1:]
     # largest first; equal sizes keep the lower component index, so the choice is deterministic
     order = np.lexsort((np.arange(found), -sizes))
     _fill_components(out, components, [int(i) + 1 for i in order[keep:]], value)
@@ -236,11 +243,8 @@ def drop_lesions_outside(array: np.ndarray, value: int, diameter_mm: tuple[float
     Returns:
         ``(new map, number of lesions removed)``.
     """
-    from medsynth.evaluation.label_statistics import STRUCTURE_26
-
-    components, found = ndimage.label(np.asarray(array) == value, structure=STRUCTURE_26)
+    components, sizes = _lesion_components(array, value)
     grid = Grid(np.asarray(array).shape, tuple(float(s) for s in spacing))
-    sizes = np.bincount(components.ravel(), minlength=found + 1)[1:]
     outside = [index + 1 for index, n in enumerate(sizes)
                if not diameter_mm[0] <= equivalent_diameter(int(n), grid) <= diameter_mm[1]]
     if not outside:
