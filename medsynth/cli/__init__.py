@@ -91,6 +91,8 @@ _LIBRARY_WARNINGS: tuple[str, ...] = (
     r"Found \d+ module\(s\) in eval mode",         # frozen DiT/text encoder branches, by design
     r"Starting from v1\.9\.0, `tensorboardX`",     # Lightning's CSV-logger fallback notice
     r".*does not have many workers",               # num_workers=0 is deliberate (cached data)
+    # The VQ-GAN steps its two optimisers by hand; a checkpoint after the step is what resuming needs.
+    r"Using ModelCheckpoint with manual optimization",
 )
 
 
