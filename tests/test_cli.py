@@ -307,18 +307,22 @@ def test_lightning_console_handler_shows_warnings_only() -> None:
 
 
 def test_known_library_warnings_are_silenced_and_others_kept() -> None:
-    """Lightning's notice about checkpoints under manual optimisation (every VQ-GAN fit) is muted
-    by the CLI's set-up; any other warning still reaches the user (fresh interpreter: filters are global)."""
+    """Lightning's notices about checkpoints under manual optimisation (every VQ-GAN fit) and about
+    epochs shorter than the logging interval (small datasets) are muted by the CLI's set-up; any
+    other warning still reaches the user (fresh interpreter: filters are global)."""
     script = ("import warnings\n"
               "from medsynth.cli import _quiet_library_chatter\n"
               "_quiet_library_chatter()\n"
               "from lightning.pytorch.utilities import rank_zero_warn\n"
               "rank_zero_warn('Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
               "pre-optimization state was saved.')\n"
+              "rank_zero_warn('The number of training batches (28) is smaller than the logging interval "
+              "Trainer(log_every_n_steps=50).')\n"
               "warnings.warn('SOMETHING-ELSE')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "manual optimization" not in result.stderr and "SOMETHING-ELSE" in result.stderr
+    assert "manual optimization" not in result.stderr and "logging interval" not in result.stderr
+    assert "SOMETHING-ELSE" in result.stderr
 
 
 # --- bad input ------------------------------------------------------------------------------
