@@ -221,16 +221,47 @@ def mask_guidance_sweep(pipe, cohort, segmenter, labels: dict, modality: str, sc
 
 
 def remade_dice(pipe, jobs: list, segmenter, labels: dict, modality: str, scale: float | None,
-                steps: int, refine: bool = True) -> list[dict[str, float]]:
+                steps: int, refine: bool = True, intensities: list | None = None) -> list[dict[str, float]]:
     """Generate one image per ``(mask, prompt, metadata, seed)`` job at mask guidance ``scale``
     (None: the ControlNet's default; ``refine``: with the pipeline's mask refiner, if it has one);
-    the judge's Dice per large class on each, in job order."""
+    the judge's Dice per large class on each, in job order. ``intensities``, when given, receives
+    each image's :func:`organ_intensity` in job order."""
     out = []
     for mask, prompt, metadata, seed in jobs:
         volume = pipe(prompt, num_inference_steps=steps, mask=mask, mask_guidance_scale=scale, metadata=metadata,
                       generator=torch.Generator().manual_seed(seed), refine=refine)[0]
         out.append(large_class_dice(segmenter.predict(volume.array), np.asarray(mask.array), labels, modality))
+        if intensities is not None:
+            intensities.append(organ_intensity(volume.array, np.asarray(mask.array), labels, modality))
     return out
+
+
+def organ_intensity(image: np.ndarray, label: np.ndarray, labels: dict, modality: str) -> dict[str, dict[str, float]]:
+    """Median and standard deviation of ``image`` (output units: HU on CT) inside each large organ
+    of ``label``, eroded by one voxel so that partial-volume boundary voxels do not count (the whole
+    organ when erosion leaves nothing): ``{class: {"median", "std"}}``.
+
+    Why: a mask refiner reads the label map, so it could paint flat, mask-shaped organs that a
+    judge segments well; the median says whether an organ has its tissue's intensity, the std
+    whether it keeps real texture and noise rather than a smoothed fill."""
+    out = {}
+    for name in LARGE_CLASSES[modality]:
+        if name not in labels:
+            continue
+        organ = label == labels[name]
+        if not organ.any():
+            continue
+        core = ndimage.binary_erosion(organ)
+        values = np.asarray(image, np.float64)[core if core.any() else organ]
+        out[name] = {"median": float(np.median(values)), "std": float(values.std())}
+    return out
+
+
+def intensity_summary(per_case: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """``[{class: {"median", "std"}}]`` per case -> ``{class: {"median", "std"}}`` means over cases."""
+    names = list(dict.fromkeys(name for row in per_case for name in row))
+    return {n: {k: round(float(np.mean([row[n][k] for row in per_case if n in row])), 1) for k in ("median", "std")}
+            for n in names}
 
 
 def class_means(per_case: list[dict[str, float]]) -> dict[str, float]:
@@ -272,10 +303,11 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     cases = held_out_cases(dataset)[:num]
     read_real = real_reader(dataset, pipe)
     masks = [read_volume(case.label, kind="label") for case in cases]
-    real, decoded, refined = [], [], []
+    real, decoded, refined, real_intensity = [], [], [], []
     for case, mask in zip(cases, masks):
         image = read_real(case)
         real.append(large_class_dice(segmenter.predict(image), mask.array, labels, modality))
+        real_intensity.append(organ_intensity(image, np.asarray(mask.array), labels, modality))
         decoded.append(large_class_dice(segmenter.predict(autoencoder_round_trip(pipe, image)), mask.array, labels,
                                         modality))
         if pipe.refiner is not None:
@@ -284,14 +316,18 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     jobs = [(mask, case.prompt or None,
              {k: case.metadata[k] for k in ("sex", "age") if (case.metadata or {}).get(k) is not None}, seed + index)
             for index, (case, mask) in enumerate(zip(cases, masks))]
-    synthetic = {}
+    synthetic, intensity = {}, {"real": real_intensity}
     for scale in scales:
-        synthetic["default" if scale is None else f"{scale:g}"] = remade_dice(pipe, jobs, segmenter, labels, modality,
-                                                                              scale, steps)
+        key = "default" if scale is None else f"{scale:g}"
+        intensity[key] = []
+        synthetic[key] = remade_dice(pipe, jobs, segmenter, labels, modality, scale, steps,
+                                     intensities=intensity[key])
     if refiner_baseline and pipe.refiner is not None:
         for scale in scales:
-            synthetic[("default" if scale is None else f"{scale:g}") + " unrefined"] = remade_dice(
-                pipe, jobs, segmenter, labels, modality, scale, steps, refine=False)
+            key = ("default" if scale is None else f"{scale:g}") + " unrefined"
+            intensity[key] = []
+            synthetic[key] = remade_dice(pipe, jobs, segmenter, labels, modality, scale, steps, refine=False,
+                                         intensities=intensity[key])
     first = next(iter(synthetic.values()))
     rows = [{"case_id": case.case_id, "class": name, "voxels": int((np.asarray(mask.array) == labels[name]).sum()),
              "real": round(r[name], 4), "autoencoder": round(d[name], 4), "synthetic": round(g[name], 4)}
@@ -314,6 +350,7 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
             **({"autoencoder_refined": class_means(refined)} if refined else {}),
             "synthetic": {key: class_means(per_case) for key, per_case in synthetic.items()},
             "analysed_scale": next(iter(synthetic)), "ci95": ci, "gap": gap,
+            "intensity": {images: intensity_summary(per_case) for images, per_case in intensity.items()},
             "by_size": size_groups(rows, names), "rows": rows}
 
 
@@ -727,6 +764,15 @@ def held_out_details(held: dict, names: list[str]) -> list[str]:
                          f"| {group['autoencoder']:.3f} | {group['synthetic']:.3f} |")
     if held.get("figure"):
         lines += ["", f"![Dice against organ size](figures/{Path(held['figure']).name})"]
+    if held.get("intensity"):
+        lines += ["", "Inside each organ (eroded by one voxel; output units): median / standard deviation, mean over "
+                  "the cases. A generated organ should have its tissue's median and a real image's spread (texture "
+                  "and noise), not a flat fill shaped like the mask.", "",
+                  "| images | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for images, row in held["intensity"].items():
+            label = "real" if images == "real" else f"generated, mask guidance {images}"
+            lines.append(f"| {label} | " + " | ".join(f"{row[n]['median']:.0f} / {row[n]['std']:.0f}" if n in row
+                                                       else "-" for n in names) + " |")
     return lines
 
 

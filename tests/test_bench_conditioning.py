@@ -62,6 +62,11 @@ def test_bench_conditioning_on_a_quick_demo_reports_every_ceiling(tmp_path: Path
         assert low - 1e-3 <= held["synthetic"]["1"][name] <= high + 1e-3
         assert sum(group["cases"] for group in held["by_size"][name]) == len(mine)
     assert "By organ size" in page and (out / "figures" / "held_out_masks_ct.png").stat().st_size > 5000
+    # organ intensities: real and every generated variant, each organ of the real images with a spread
+    assert set(held["intensity"]) == {"real", "1", "4", "1 unrefined", "4 unrefined"}
+    assert set(held["intensity"]["real"]) == set(held["real"])
+    assert all(row["std"] > 0 for row in held["intensity"]["real"].values())
+    assert "Inside each organ" in page
     # lesions by size: the quick demo's training split holds real lesions (seed 0), so it is measured,
     # on both images of each pair
     lesions = record["lesion_contrast"]
@@ -234,3 +239,25 @@ def test_gate_segmenter_bench_refuses_an_unknown_recipe(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gate_segmenter.py"), "--demo",
                            str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_organ_intensity_reads_the_eroded_organ() -> None:
+    """Median and spread inside each large organ, boundary voxels left out (they mix two tissues)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_conditioning import organ_intensity
+
+    labels = {"background": 0, "liver": 1, "spleen": 2}
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[2:9, 2:9, 2:9] = 1
+    label[10, 10, 10] = 2  # one voxel: erosion leaves nothing, so the whole organ counts
+    image = np.where(label == 1, 60.0, -1000.0).astype(np.float32)
+    image[2, 2:9, 2:9] = 500.0  # the liver's boundary face: outside the eroded core
+    image[5, 5, 5] = 90.0
+    image[label == 2] = 45.0
+    stats = organ_intensity(image, label, labels, "ct")
+    assert set(stats) == {"liver", "spleen"}  # the kidneys are absent from this map
+    assert stats["liver"]["median"] == 60.0
+    core = np.full(5 ** 3, 60.0)
+    core[0] = 90.0
+    assert abs(stats["liver"]["std"] - core.std()) < 1e-6  # the 500 HU face is not in it
+    assert stats["spleen"] == {"median": 45.0, "std": 0.0}
