@@ -67,7 +67,7 @@ class MaskRefinerTrainingConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patch_size: tuple[int, int, int] | None = None
-    latent_noise: float = 0.1
+    latent_noise: float = 0.3
     ema_decay: float = 0.99
     precision: str = "32-true"
     seed: int = 0

@@ -141,7 +141,7 @@ def test_training_refusals_and_region_weights(tmp_path):
     assert w.shape == (1, 1, 2, 2, 1) and w[0, 0, 0, 0, 0] == 5.0 and w.sum() == 5.0 + 3.0
 
 
-@pytest.mark.parametrize("name", ["tiny", "base"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_long", "base"])
 def test_controlnet_configs_parse(name):
     config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     assert set(config) <= {"controlnet", "sampling", "training"}
