@@ -291,6 +291,14 @@ def test_demo_command_lines_can_be_pasted_into_a_shell(capsys: pytest.CaptureFix
     assert shlex.split(line.strip()[2:])[-2] == str(out)  # the path with a space stays one argument
 
 
+def stderr_of_fresh_python(script: str) -> str:
+    """Run ``script`` in a new interpreter (logging set-up and warning filters are process-wide and
+    depend on import order) and return its stderr; it must exit 0."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
 def test_lightning_console_handler_shows_warnings_only() -> None:
     """Lightning adds a console handler at INFO when imported; after the CLI's set-up it prints
     warnings, not the device banner (run in a fresh interpreter: import order matters)."""
@@ -301,9 +309,8 @@ def test_lightning_console_handler_shows_warnings_only() -> None:
               "import lightning.pytorch\n"
               "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('BANNER-LINE')\n"
               "logging.getLogger('lightning.pytorch').warning('A-WARNING')\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "BANNER-LINE" not in result.stderr and "A-WARNING" in result.stderr
+    stderr = stderr_of_fresh_python(script)
+    assert "BANNER-LINE" not in stderr and "A-WARNING" in stderr
 
 
 def test_known_library_warnings_are_silenced_and_others_kept() -> None:
@@ -319,10 +326,9 @@ def test_known_library_warnings_are_silenced_and_others_kept() -> None:
               "rank_zero_warn('The number of training batches (28) is smaller than the logging interval "
               "Trainer(log_every_n_steps=50).')\n"
               "warnings.warn('SOMETHING-ELSE')\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "manual optimization" not in result.stderr and "logging interval" not in result.stderr
-    assert "SOMETHING-ELSE" in result.stderr
+    stderr = stderr_of_fresh_python(script)
+    assert "manual optimization" not in stderr and "logging interval" not in stderr
+    assert "SOMETHING-ELSE" in stderr
 
 
 # --- bad input ------------------------------------------------------------------------------
