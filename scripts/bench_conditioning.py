@@ -566,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-guidance", type=float, nargs="*", default=[],
                         help="also remake the cohort images from their own masks, prompts and seeds at each of these "
                              "mask guidance scales and score them (e.g. 1.5 3 5)")
+    parser.add_argument("--guidance-rescale", type=float, default=None,
+                        help="0-1: guidance rescale for every mask-conditioned image (default: the pipeline's, "
+                             "from its ControlNet config; 0 when it records none)")
     parser.add_argument("--pipeline", type=Path, default=None,
                         help="score this pipeline folder instead of the demo's own (e.g. one assembled with another "
                              "ControlNet); the cohort columns still show the demo's cohort images")
@@ -616,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((args.demo / "demo_summary.json").read_text())
     modality = summary["settings"]["modality"]
     pipe = MedSynthPipeline.from_pretrained(args.pipeline or args.demo / "pipeline", device="cpu")
+    if args.guidance_rescale is not None:
+        if not 0.0 <= args.guidance_rescale <= 1.0:
+            parser.error(f"--guidance-rescale must be between 0 and 1, got {args.guidance_rescale}")
+        pipe.default_guidance_rescale = float(args.guidance_rescale)  # every masked call below uses it
     if args.judge_dir is not None and args.judge_steps <= 0:
         sys.exit("--judge-dir keeps a judge trained with --judge-steps > 0; with --judge-steps 0 the pipeline's own "
                  "segmenter is used and there is nothing to keep")
@@ -693,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"demo": str(args.demo), "pipeline": str(args.pipeline or args.demo / "pipeline"), "modality": modality,
               "size": summary["settings"]["size"],
               "segmenter": judge, "steps": args.steps, "seed": args.seed,
+              "guidance_rescale": pipe.default_guidance_rescale,
               "refiner": None if pipe.refiner is None else pipe.record["components"]["refiner"].get("source"),
               "min_lesion_voxels": args.min_lesion_voxels,
               "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -788,7 +796,8 @@ def render(r: dict, figure: Path) -> str:
              f"{', ' + r['segmenter']['lr_schedule'] if 'lr_schedule' in r['segmenter'] else ''}"
              f"{', ' + r['segmenter']['augmentation'] + ' augmentation' if r['segmenter'].get('augmentation', 'none') != 'none' else ''}; "
              "its Dice on real held-out phantoms is the ceiling below. "
-             f"{r['steps']} sampling steps. Tiny models trained for minutes on a CPU: these numbers show "
+             f"{r['steps']} sampling steps, guidance rescale {r.get('guidance_rescale', 0.0):g} on "
+             "mask-conditioned images. Tiny models trained for minutes on a CPU: these numbers show "
              "what the demo reaches, not what trained models reach.", "",
              "## Text conditioning (text only, no mask)", "",
              "| prompt | samples | with a lesion (>= %d voxels) | rate |" % r["min_lesion_voxels"], "|---|---|---|---|"]

@@ -87,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "when no draw has it, inserted")
     gen.add_argument("--mask-guidance", type=float, default=None,
                      help="separate mask guidance scale (default: the ControlNet's)")
+    gen.add_argument("--guidance-rescale", type=float, default=None,
+                     help="0-1: pull guided predictions back to the conditional one's spread, which keeps guidance "
+                          "from brightening organs (default: the ControlNet's for mask-conditioned cases, e.g. 0.7 "
+                          "in configs/controlnet/tiny.yaml; 0 for images without a mask)")
     gen.add_argument("--no-refiner", action="store_true",
                      help="do not refine mask-conditioned images with the pipeline's mask refiner")
     gen.add_argument("--max-retries", type=int, default=2,
@@ -151,6 +155,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                   mask_labels=None if args.mask_labels is None else str(args.mask_labels),
                                   mask_source=args.mask_source, bank=None if args.bank is None else str(args.bank),
                                   lesions=list(args.lesion), mask_guidance_scale=args.mask_guidance,
+                                  guidance_rescale=args.guidance_rescale,
                                   max_retries=args.max_retries, keep_failed=args.keep_failed,
                                   min_dice=args.min_dice, quality_gate=not args.no_quality_gate,
                                   label_attributes=list(args.label_attribute), lesion_counts=list(args.lesion_count),

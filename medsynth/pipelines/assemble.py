@@ -396,7 +396,8 @@ def assemble_pipeline(autoencoder_dir: str | Path, dit_dir: str | Path, cache_di
         components["controlnet"] = {"kind": "controlnet", "path": "controlnet",
                                     "files": _copy_export(Path(controlnet_dir), out / "controlnet"),
                                     "source": str(controlnet_dir), "labels": dict(controlnet_config["labels"]),
-                                    "mask_guidance_scale": sampling_cn.get("mask_guidance_scale")}
+                                    "mask_guidance_scale": sampling_cn.get("mask_guidance_scale"),
+                                    "guidance_rescale": sampling_cn.get("guidance_rescale")}
         if segmenter_steps > 0:
             # The agreement check's segmenter: a SegResNet trained on the same training split;
             # the threshold baseline stays in the record for comparison.

@@ -85,6 +85,8 @@ class GenerationSettings:
         bank: a mask bank folder instead of the pipeline's stored one.
         lesions: ``CLASS:COUNT:MIN-MAXmm[:HOST]`` requests painted into each case's mask.
         mask_guidance_scale: separate mask guidance (None: the ControlNet's default).
+        guidance_rescale: in [0, 1], pulls guided predictions back to the conditional one's spread
+            (None: the ControlNet's default for mask-conditioned cases, else 0).
         max_retries: regenerations of a sample that fails the quality gate.
         keep_failed: keep (and flag) a sample that still fails; otherwise it is skipped.
         min_dice: least per-class Dice of large classes in the agreement check.
@@ -115,6 +117,7 @@ class GenerationSettings:
     bank: str | None = None
     lesions: list[str] = field(default_factory=list)
     mask_guidance_scale: float | None = None
+    guidance_rescale: float | None = None
     max_retries: int = 2
     keep_failed: bool = False
     min_dice: float = 0.5
@@ -166,6 +169,8 @@ class GenerationSettings:
         parse_lesion_specs(self.lesions)  # syntax errors now, before any model is loaded
         if self.mask_guidance_scale is not None and self.mask_guidance_scale < 0:
             raise ConfigError(f"--mask-guidance must be >= 0, but got {self.mask_guidance_scale}")
+        if self.guidance_rescale is not None and not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ConfigError(f"--guidance-rescale must be between 0 and 1, but got {self.guidance_rescale}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ConfigError(f"--max-retries must be an integer >= 0, but got {self.max_retries!r}")
         if not 0.0 <= self.min_dice <= 1.0:
@@ -438,7 +443,8 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
             if plan is None:
                 volume = pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(seed)],
                                   spacing=settings.spacing, size=settings.size, metadata=settings.metadata,
-                                  negative_prompt=settings.negative_prompt)[0]
+                                  negative_prompt=settings.negative_prompt,
+                                  guidance_rescale=settings.guidance_rescale)[0]
             else:
                 label, mask_info, lesion_records = first_mask if index == 0 else plan.case_mask(seed, prompt)
 
@@ -446,7 +452,8 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
                     return pipeline(prompt, steps, guidance, [torch.Generator().manual_seed(s)],
                                     metadata=settings.metadata, mask=label,
                                     mask_guidance_scale=settings.mask_guidance_scale,
-                                    negative_prompt=settings.negative_prompt, refine=settings.refine)[0]
+                                    negative_prompt=settings.negative_prompt, refine=settings.refine,
+                                    guidance_rescale=settings.guidance_rescale)[0]
 
                 if has_image:  # only DICOM missing: the image that was kept
                     seed_used = int(provenance.get(case_id, {}).get("quality", {}).get("seed_used", seed))
@@ -456,6 +463,7 @@ def generate_dataset(pipeline: MedSynthPipeline, out_dir: str | Path, settings: 
                                                                            settings.max_retries)
                 facts.update(mask=mask_info, lesions=lesion_records,
                              mask_guidance_scale=volume.metadata.extra.get("mask_guidance_scale"),
+                             guidance_rescale=volume.metadata.extra.get("guidance_rescale"),
                              refined_with_mask=bool(volume.metadata.extra.get("refined_with_mask")))
                 if check is not None and not has_image:
                     facts["quality"] = {"passed": passed, "seed_used": seed_used, "attempts": attempts}

@@ -171,6 +171,7 @@ class MedSynthPipeline:
                 segmenter["path"] = str((quality_dir / segmenter["path"]).resolve())
         control = dict(comps.get("controlnet") or {})
         self.default_mask_guidance = control.get("mask_guidance_scale")
+        self.default_guidance_rescale = float(control.get("guidance_rescale") or 0.0)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -406,7 +407,8 @@ class MedSynthPipeline:
                  metadata: Mapping[str, Any] | None = None, progress: bool = False,
                  mask: Volume | Sequence[Volume] | None = None,
                  mask_guidance_scale: float | None = None,
-                 negative_prompt: str | Sequence[str] | None = None, refine: bool = True) -> list[Volume]:
+                 negative_prompt: str | Sequence[str] | None = None, refine: bool = True,
+                 guidance_rescale: float | None = None) -> list[Volume]:
         """Generate one volume per prompt (with a mask: one image per prompt for that label map).
 
         Args:
@@ -438,6 +440,10 @@ class MedSynthPipeline:
             refine: with a mask and a mask refiner in the pipeline, refine the decoded images
                 from the mask at full resolution (see :mod:`medsynth.models.mask_refiner`);
                 False skips it. Without either it has no effect.
+            guidance_rescale: in ``[0, 1]``, how far the guided prediction is pulled back to the
+                conditional one's spread (see :func:`~medsynth.pipelines.sampling.denoise`;
+                guidance otherwise brightens what it draws). Default: the ControlNet's
+                (``sampling.guidance_rescale``) for mask-conditioned volumes, 0 otherwise.
 
         Returns:
             ``Volume`` list: ``(X, Y, Z)`` float32 in HU (CT) or normalised units (MR),
@@ -501,9 +507,12 @@ class MedSynthPipeline:
             hook = self._mask_hook(onehot, text, meta, negative_text)
             mask_guidance = self.default_mask_guidance if mask_guidance_scale is None else mask_guidance_scale
             mask_guidance = None if mask_guidance is None else float(mask_guidance)
+        if guidance_rescale is None:
+            guidance_rescale = self.default_guidance_rescale if masks is not None else 0.0
         z = denoise(self.dit, scheduler, shape, Conditions(text, meta, negative_text), steps, guidance,
                     gens[0] if gens else generator, latents=latents, device=self.device, progress=progress,
-                    block_residuals_fn=hook, mask_guidance_scale=mask_guidance)
+                    block_residuals_fn=hook, mask_guidance_scale=mask_guidance,
+                    guidance_rescale=float(guidance_rescale))
         z = z / self.scale_factor
         images = decode_tiled(self.autoencoder, z, self.decode_window, self.decode_overlap,
                               output_device="cpu")  # (B, 1, PX, PY, PZ) in model range
@@ -521,7 +530,8 @@ class MedSynthPipeline:
             extra = {"generator": "medsynth.MedSynthPipeline", "prompt": prompts[i],
                      **({} if negatives is None else {"negative_prompt": negatives[i]}),
                      "pipeline_hash": self.pipeline_hash, "num_inference_steps": steps,
-                     "guidance_scale": guidance, "metadata": records[i]}
+                     "guidance_scale": guidance, "guidance_rescale": float(guidance_rescale),
+                     "metadata": records[i]}
             if masks is not None:
                 extra.update(conditioned_on_mask=True, mask_guidance_scale=mask_guidance, refined_with_mask=refined)
             out.append(Volume(physical[i], affine.copy(), "image",

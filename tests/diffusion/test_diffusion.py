@@ -293,3 +293,40 @@ def test_dual_guidance_moved_to_diffusion_guidance():
     from medsynth.models import controlnet
 
     assert controlnet.dual_guidance is dual_guidance
+
+
+@pytest.mark.parametrize("rescale", [0.7, 1.0])
+def test_guidance_rescale_pulls_the_guided_prediction_to_the_conditional_spread(rescale):
+    """Lin et al. 2024, Sect. 3.4: each sample's guided prediction is rescaled to the standard
+    deviation of the conditional (full) branch and mixed back by ``rescale``; worked out by hand here."""
+    shape = (2, 3, 4, 4, 4)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out = denoise(BranchStub(), make_scheduler("rectified_flow"), shape, None, 1, 2.0, latents=start,
+                  block_residuals_fn=mask_hook(5.0), mask_guidance_scale=3.0, guidance_rescale=rescale)
+    guided = 0.5 * start + 3.0 * 5.0 + 2.0 * BranchStub.TEXT
+    full = 0.5 * start + 5.0 + BranchStub.TEXT
+    ratio = torch.stack([full[i].std() / guided[i].std() for i in range(2)]).view(-1, 1, 1, 1, 1)
+    expected = rescale * guided * ratio + (1 - rescale) * guided
+    torch.testing.assert_close(out, start - expected)
+    if rescale == 1.0:  # fully rescaled: each sample's prediction has the conditional branch's spread
+        for i in range(2):
+            torch.testing.assert_close((start - out)[i].std(), full[i].std())
+
+
+def test_guidance_rescale_off_changes_nothing_and_bad_values_are_refused():
+    shape = (1, 3, 4, 4, 4)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    def run(**kw):
+        return denoise(BranchStub(), make_scheduler("rectified_flow"), shape, None, 1, latents=start,
+                       block_residuals_fn=mask_hook(5.0), **kw)
+
+    guided = run(guidance_scale=2.0, mask_guidance_scale=3.0)
+    assert torch.equal(run(guidance_scale=2.0, mask_guidance_scale=3.0, guidance_rescale=0.0), guided)
+    # without guidance there is one branch and nothing to rescale
+    assert torch.equal(run(guidance_scale=1.0, mask_guidance_scale=1.0, guidance_rescale=0.7),
+                       run(guidance_scale=1.0, mask_guidance_scale=1.0))
+    # two-branch classifier-free guidance is rescaled too
+    assert not torch.equal(run(guidance_scale=3.0, guidance_rescale=0.7), run(guidance_scale=3.0))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"guidance_rescale in \[0, 1\]"):
+            run(guidance_scale=2.0, guidance_rescale=bad)

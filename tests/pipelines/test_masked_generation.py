@@ -32,7 +32,7 @@ def build_controlnet(root, ae_dir, dit_dir, cache):
         for p in list(cn.zero_projections.parameters()) + list(cn.mask_embed.patchify.parameters()):
             p.add_(0.05 * torch.randn_like(p))
     return save_controlnet(root / "controlnet", cn, labels, {"name": "rectified_flow"},
-                           {"mask_guidance_scale": 1.5},
+                           {"mask_guidance_scale": 1.5, "guidance_rescale": 0.5},
                            {"base_dit": str(dit_dir), "base_dit_sha256": dit_export.sha256})
 
 
@@ -72,6 +72,7 @@ def test_assemble_adds_controlnet_quality_and_bank(masked, pipe):
     comps = record["components"]
     assert comps["controlnet"]["files"]["model.safetensors"] == file_sha256(full / "controlnet" / "model.safetensors")
     assert comps["controlnet"]["labels"] == record["labels"] and comps["controlnet"]["mask_guidance_scale"] == 1.5
+    assert comps["controlnet"]["guidance_rescale"] == 0.5 and pipe.default_guidance_rescale == 0.5
     assert comps["quality"]["files"][QUALITY_FILE] == file_sha256(full / QUALITY_FILE)
     quality = json.loads((full / QUALITY_FILE).read_text())
     assert quality["splits"] == ["train"] and quality["intensity_unit"] == "HU" and quality["segmenter"]["intervals"]
@@ -86,6 +87,11 @@ def test_pipeline_generates_on_the_mask_grid(masked, pipe):
     image = pipe("CT abdomen", 1, 2.0, g(), mask=mask, mask_guidance_scale=3.0)[0]
     assert image.shape == mask.shape and np.array_equal(image.affine, mask.affine)
     assert image.metadata.extra["conditioned_on_mask"] and image.metadata.extra["mask_guidance_scale"] == 3.0
+    # the ControlNet's guidance rescale applies to masked images unless the call overrides it
+    assert image.metadata.extra["guidance_rescale"] == 0.5
+    unrescaled = pipe("CT abdomen", 1, 2.0, g(), mask=mask, mask_guidance_scale=3.0, guidance_rescale=0.0)[0]
+    assert unrescaled.metadata.extra["guidance_rescale"] == 0.0 and not np.allclose(unrescaled.array, image.array)
+    assert pipe("CT abdomen", 1, 2.0, g())[0].metadata.extra["guidance_rescale"] == 0.0  # no mask: off by default
     other = mask.with_array(np.where(mask.array > 0, 1, 0).astype(np.uint8), kind="label")
     assert not np.allclose(pipe("CT abdomen", 1, 2.0, g(), mask=other)[0].array, image.array)  # the mask matters
     # Both scales 1: the plain conditional prediction, one branch (as with no stored mask guidance).
@@ -310,3 +316,16 @@ def test_mask_refiner_in_the_pipeline(masked, pipe, tmp_path):
     with pytest.raises(InputError, match="trained behind the autoencoder"):
         assemble_pipeline(root / "ae", root / "dit", root / "cache", tmp_path / "p3",
                           controlnet_dir=root / "controlnet", refiner_dir=other, segmenter_steps=0)
+
+
+def test_generation_records_the_guidance_rescale_and_refuses_bad_ones(masked, pipe, tmp_path):
+    from medsynth.pipelines.generate import generate_dataset
+
+    common = dict(mask_source="bank", guidance_scale=2.0, quality_gate=False)
+    generate_dataset(pipe, tmp_path / "default", _settings(**common), progress=False)
+    generate_dataset(pipe, tmp_path / "off", _settings(**common, guidance_rescale=0.0), progress=False)
+    (default,), (off,) = _provenance(tmp_path / "default"), _provenance(tmp_path / "off")
+    assert default["guidance_rescale"] == 0.5 and off["guidance_rescale"] == 0.0  # the ControlNet's, then the asked
+    for bad in (-0.5, 1.2):
+        with pytest.raises(ConfigError, match=r"--guidance-rescale must be between 0 and 1, but got"):
+            _settings(guidance_rescale=bad)
