@@ -131,7 +131,7 @@ def denoise(model: nn.Module, scheduler: object, latents_shape: Sequence[int], c
             rescaled to the standard deviation of the conditional (``full``) prediction, per
             sample (Lin et al. 2024, Sect. 3.4; diffusers' ``rescale_noise_cfg``). Guidance
             extrapolates past the conditional prediction and brightens what it draws; on the CT
-            phantoms mask guidance 3 made organs 18-42 HU too bright, 0.7 removes most of it at
+            phantoms mask guidance 3 made organs up to 42 HU too bright, 0.7 removes most of it at
             the same organ Dice (docs/benchmarks/conditioning_ct_160x5_f2_long_recipe.md).
             0: off. No effect without guidance.
 
