@@ -167,9 +167,10 @@ def autoencoder_round_trip(pipe, image: np.ndarray, mask: Any = None) -> np.ndar
     return np.asarray(pipe.intensity.inverse(decoded), np.float32)
 
 
-def held_out_cases(dataset) -> list:
-    """The labelled real cases outside the training split (val + test), in id order."""
-    train = set(dataset.splits.get("train", []))
+def held_out_cases(dataset, every_split: bool = False) -> list:
+    """The labelled real cases outside the training split (val + test), in id order; with
+    ``every_split``, every labelled case (a dataset no model was trained on)."""
+    train = set() if every_split else set(dataset.splits.get("train", []))
     return [c for c in dataset.cases if c.case_id not in train and c.label is not None]
 
 
@@ -282,7 +283,7 @@ SIZE_GROUPS = 3
 
 
 def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str, num: int, scales: list,
-                           steps: int, seed: int, refiner_baseline: bool = False) -> dict:
+                           steps: int, seed: int, refiner_baseline: bool = False, every_split: bool = False) -> dict:
     """Paired mask fidelity on masks the models never saw: for each labelled held-out real case
     (val + test, at most ``num``), an image is generated from its label map with its own prompt,
     sex and age, and the judge's Dice on it is set beside the judge's Dice on the real image of
@@ -300,7 +301,7 @@ def held_out_mask_fidelity(pipe, dataset, segmenter, labels: dict, modality: str
     from medsynth.evaluation.segmentation import bootstrap_mean, paired_comparison
     from medsynth.io import read_volume
 
-    cases = held_out_cases(dataset)[:num]
+    cases = held_out_cases(dataset, every_split)[:num]
     read_real = real_reader(dataset, pipe)
     masks = [read_volume(case.label, kind="label") for case in cases]
     real, decoded, refined, real_intensity = [], [], [], []
@@ -575,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-masks", type=int, default=0,
                         help="also generate from up to N held-out real label maps (val + test) and compare, mask by "
                              "mask, with the judge on the real images of the same masks")
+    parser.add_argument("--held-out-data", type=Path, default=None,
+                        help="take the held-out masks and real images from this prepared dataset instead (every "
+                             "labelled case; e.g. fresh phantoms made with another seed), so that settings chosen on "
+                             "the demo's held-out cases can be checked on cases nobody looked at")
     parser.add_argument("--lesion-masks", type=int, default=0,
                         help="also insert one lesion into each of up to N held-out label maps and judge, with a contrast "
                              "rule fit on the real training images, whether images generated with it show it (and "
@@ -716,9 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         record["mask_guidance_sweep"] = mask_guidance_sweep(pipe, cohort, segmenter, pipe.labels, modality,
                                                             args.mask_guidance, args.steps)
     if args.held_out_masks > 0:
-        record["held_out_masks"] = held_out_mask_fidelity(pipe, dataset, segmenter, pipe.labels, modality,
+        held_data = dataset if args.held_out_data is None else read_dataset(args.held_out_data)
+        record["held_out_masks"] = held_out_mask_fidelity(pipe, held_data, segmenter, pipe.labels, modality,
                                                           args.held_out_masks, args.mask_guidance or [None],
-                                                          args.steps, args.seed, args.refiner_baseline)
+                                                          args.steps, args.seed, args.refiner_baseline,
+                                                          every_split=args.held_out_data is not None)
+        record["held_out_masks"]["data"] = str(args.held_out_data or args.demo / "prepared")
         record["held_out_masks"]["figure"] = str(size_figure(
             record["held_out_masks"], args.out / "figures" / f"held_out_masks_{modality}.png"))
     if args.lesion_masks > 0:
@@ -830,7 +838,9 @@ def render(r: dict, figure: Path) -> str:
         lines += ["", "## Mask fidelity on held-out masks (paired)", "",
                   f"An image generated from each of {held['cases']} held-out real label maps (val + test: masks no "
                   "model was trained on) with that case's prompt, sex and age; the judge's mean Dice against the "
-                  "mask, beside the judge on the real images of the same masks.", "",
+                  "mask, beside the judge on the real images of the same masks."
+                  + (f" Masks and real images from `{held['data']}` (every labelled case)."
+                     if held.get("data") and not str(held["data"]).endswith("prepared") else ""), "",
                   "| images | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
                   "| real (ceiling) | " + " | ".join(f"{held['real'][n]:.3f}" for n in names) + " |"]
         if "autoencoder" in held:

@@ -261,3 +261,18 @@ def test_organ_intensity_reads_the_eroded_organ() -> None:
     core[0] = 90.0
     assert abs(stats["liver"]["std"] - core.std()) < 1e-6  # the 500 HU face is not in it
     assert stats["spleen"] == {"median": 45.0, "std": 0.0}
+
+
+def test_held_out_cases_leave_out_the_training_split_unless_every_split_is_asked() -> None:
+    """The demo's held-out masks are its val + test cases; ``--held-out-data`` takes a dataset no model saw,
+    so every labelled case of it counts."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_conditioning import held_out_cases
+
+    case = lambda case_id, label="x.nii.gz": SimpleNamespace(case_id=case_id, label=label)  # noqa: E731
+    dataset = SimpleNamespace(cases=[case("a"), case("b"), case("c", None), case("d")],
+                              splits={"train": ["a"], "val": ["b"], "test": ["c", "d"]})
+    assert [c.case_id for c in held_out_cases(dataset)] == ["b", "d"]  # no training case, no case without a label
+    assert [c.case_id for c in held_out_cases(dataset, every_split=True)] == ["a", "b", "d"]
