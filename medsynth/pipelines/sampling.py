@@ -17,12 +17,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from diffusers.guiders.guider_utils import rescale_noise_cfg
 from tqdm.auto import tqdm
 
 from medsynth.diffusion.guidance import classifier_free_guidance, dual_guidance, guided_text
 from medsynth.errors import ConfigError
 from medsynth.models.text_encoder import TextEmbedding
+
+try:  # diffusers >= 0.35 keeps it with its guiders; older releases only in the Stable Diffusion pipeline module
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+except ImportError:  # pragma: no cover - depends on the installed diffusers
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 BlockResidualsFn = Callable[[Tensor, Tensor], Sequence[Tensor] | None]
 """``(latent_model_input (N, C, X, Y, Z), timesteps (N,)) -> block residuals (N, T, D) or None``.
