@@ -726,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           args.held_out_masks, args.mask_guidance or [None],
                                                           args.steps, args.seed, args.refiner_baseline,
                                                           every_split=args.held_out_data is not None)
-        record["held_out_masks"]["data"] = str(args.held_out_data or args.demo / "prepared")
+        if args.held_out_data is not None:
+            record["held_out_masks"]["data"] = str(args.held_out_data)
         record["held_out_masks"]["figure"] = str(size_figure(
             record["held_out_masks"], args.out / "figures" / f"held_out_masks_{modality}.png"))
     if args.lesion_masks > 0:
@@ -839,8 +840,8 @@ def render(r: dict, figure: Path) -> str:
                   f"An image generated from each of {held['cases']} held-out real label maps (val + test: masks no "
                   "model was trained on) with that case's prompt, sex and age; the judge's mean Dice against the "
                   "mask, beside the judge on the real images of the same masks."
-                  + (f" Masks and real images from `{held['data']}` (every labelled case)."
-                     if held.get("data") and not str(held["data"]).endswith("prepared") else ""), "",
+                  + (f" Masks and real images from `{held['data']}` (every labelled case)." if held.get("data")
+                     else ""), "",
                   "| images | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
                   "| real (ceiling) | " + " | ".join(f"{held['real'][n]:.3f}" for n in names) + " |"]
         if "autoencoder" in held:

@@ -358,16 +358,16 @@ class LabelGenerator:
                 best = candidate
         inserted, refused, measured = self._insert_missing(best, lesions, diameters, seed)
         missing = sum(max(0, lesions[n] - best["drawn"][n] - inserted.get(n, 0)) for n in lesions)
-        # an inserted lesion counts only when its measured size is one the finding accepts
-        sized = all(any(lo <= d <= hi for lo, hi in diameters.values()) for d in measured)
+        # an inserted lesion counts only when its measured size is one its own finding accepts
+        sized = all(diameters[name][0] <= d <= diameters[name][1] for name, ds in measured.items() for d in ds)
         record: dict[str, Any] = {"draws": draws, "met": missing == 0 and sized and best["rank"][1] == 0.0}
         if lesions:
             record["lesion_counts"] = {"asked": dict(lesions), "drawn": best["drawn"], "removed": best["removed"]}
         if diameters:
             record["lesion_diameters"] = {"asked": {n: [round(lo, 2), round(hi, 2)] for n, (lo, hi) in diameters.items()},
                                           "out_of_range_removed": best["outside"], "inserted": inserted,
-                                          **({"inserted_diameters_mm": [round(d, 2) for d in measured]}
-                                             if measured else {}),
+                                          **({"inserted_diameters_mm": [round(d, 2) for ds in measured.values()
+                                                                         for d in ds]} if measured else {}),
                                           **({"not_inserted": refused} if refused else {})}
         if sizes:
             record["size_quantiles"] = {"asked": dict(sizes), "reached": best["reached"],
@@ -376,16 +376,16 @@ class LabelGenerator:
 
     def _insert_missing(self, best: dict[str, Any], lesions: Mapping[str, int],
                         diameters: Mapping[str, tuple[float, float]], seed: int
-                        ) -> tuple[dict[str, int], dict[str, str], list[float]]:
+                        ) -> tuple[dict[str, int], dict[str, str], dict[str, list[float]]]:
         """Insert the lesions of a stated diameter that no draw had into ``best["map"]`` (the dict
         entry is replaced). A class is inserted into its default host organ
         (:meth:`LesionSpec.resolve_host`); a class without one (e.g. ``tumour_core``) or a host too
         small is not, and says why. Returns ``(inserted per class, why not per class, measured
-        diameters in mm of the inserted lesions)``."""
+        diameters in mm of the inserted lesions per class)``."""
         from medsynth.pipelines.lesions import LesionSpec, insert_lesions
         from medsynth.pipelines.pipeline import centred_ras_affine
 
-        inserted, refused, measured = {}, {}, []
+        inserted, refused, measured = {}, {}, {}
         rng = np.random.default_rng(seed)
         for name, (low, high) in diameters.items():
             short = max(0, int(lesions.get(name, 0)) - int(best["drawn"].get(name, 0)))
@@ -406,7 +406,7 @@ class LabelGenerator:
                 continue
             best["map"] = np.asarray(placed.array).astype(best["map"].dtype)
             inserted[name] = short
-            measured += [float(r["diameter_mm"]) for r in records]
+            measured[name] = [float(r["diameter_mm"]) for r in records]
         return inserted, refused, measured
 
 __all__ = ["LabelGenerator", "parse_attribute_items", "DEFAULT_MAX_DRAWS", "SIZE_QUANTILE_TOLERANCE",
